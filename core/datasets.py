@@ -1,0 +1,508 @@
+"""Dataset folders: CSV parsing, the label set, splits, images, transforms and the torch Dataset.
+
+A dataset folder in the COMP5329 layout holds `train.csv` (ImageID,Labels,Caption),
+optionally `test.csv` (ImageID,Caption) and `data/` with the images. A folder with
+a `train.csv` and no `data/` is a caption-only dataset. An optional `labels.csv`
+(Label,Name) names the label ids; without it, COCO category ids get COCO names.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from core.encoder import CaptionBatch, collate_captions, encode_trigrams
+
+logger = logging.getLogger(__name__)
+
+# COCO 2017 category ids and names; ids 12, 26, 29, 30, 45, 66, 68, 69, 71 and 83 are unused.
+COCO_NAMES: dict[int, str] = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
+    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
+    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
+    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
+    28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis",
+    36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
+    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
+    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
+    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza",
+    60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed",
+    67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote",
+    76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink",
+    82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
+    89: "hair drier", 90: "toothbrush",
+}
+
+COLUMNS = ("ImageID", "Labels", "Caption")
+IMAGE_DIR_NAME = "data"
+LABEL_NAMES_FILE = "labels.csv"
+MAX_PROBLEMS_SHOWN = 20
+AUGMENTATIONS = ("hflip", "vflip", "jitter", "sharpness")
+
+
+class DatasetError(ValueError):
+    """Invalid dataset content; the message lists every problem found (the first 20 in full)."""
+
+
+# ----------------------------------------------------------------------------- CSV files
+
+
+def _format_problems(path: Path, problems: list[str], fix: str) -> str:
+    shown = "\n".join(f"  {problem}" for problem in problems[:MAX_PROBLEMS_SHOWN])
+    more = len(problems) - MAX_PROBLEMS_SHOWN
+    tail = f"\n  ... and {more} more" if more > 0 else ""
+    return f"{path}: {len(problems)} invalid row(s):\n{shown}{tail}\n{fix}"
+
+
+def _read_header(path: Path, header: list[str], require_labels: bool) -> dict[str, int]:
+    """Map the standard column names to positions, matching case and surrounding spaces loosely."""
+    names = [name.strip() for name in header]
+    while names and names[-1] == "":
+        names.pop()  # spreadsheet exports add a trailing empty column
+    positions: dict[str, int] = {}
+    for index, name in enumerate(names):
+        for column in COLUMNS:
+            if name.lower() == column.lower() and column not in positions:
+                positions[column] = index
+    required = ["ImageID", "Labels"] if require_labels else ["ImageID"]
+    missing = [column for column in required if column not in positions]
+    if missing:
+        expected = ",".join(COLUMNS if require_labels else ("ImageID", "Caption"))
+        raise DatasetError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {names or 'no header'}. "
+            f"The first line must be the header {expected}."
+        )
+    return positions
+
+
+def _parse_labels(text: str) -> tuple[list[int], str | None]:
+    labels: list[int] = []
+    for token in text.split():
+        try:
+            labels.append(int(token))
+        except ValueError:
+            return [], f"label {token!r} is not an integer"
+    if not labels:
+        return [], "no labels"
+    return sorted(set(labels)), None
+
+
+def read_table(path: str | os.PathLike, require_labels: bool = True) -> pd.DataFrame:
+    """Read a train.csv or test.csv file without losing or mis-splitting rows.
+
+    Handles a byte order mark, CRLF line ends, trailing empty columns, quoted
+    captions with commas, doubled and stray quotes, and captions with unquoted
+    commas when Caption is the last column (the extra fields are joined back).
+
+    Args:
+        path: the CSV file.
+        require_labels: True for training files, which need a Labels column with
+            at least one integer label per row.
+
+    Returns:
+        A DataFrame with columns ImageID (str), Labels (list of int, empty when the
+        file has no Labels column), Caption (str) and line (the row's first line
+        number in the file, for messages).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DatasetError: the file is empty, lacks a column or has invalid rows; the
+            message lists the rows and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            records = _read_records(path, handle, require_labels)
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"{path}: not valid UTF-8 text (byte {error.start}); re-save the file with UTF-8 encoding"
+        ) from error
+
+    frame = pd.DataFrame(records, columns=["ImageID", "Labels", "Caption", "line"])
+    logger.info("read %d rows from %s", len(frame), path)
+    return frame
+
+
+def _read_records(path: Path, handle, require_labels: bool) -> list[tuple]:
+    reader = csv.reader(handle)
+    header = next(reader, None)
+    if header is None:
+        raise DatasetError(f"{path}: the file is empty; expected a header line {','.join(COLUMNS)} and rows")
+    positions = _read_header(path, header, require_labels)
+    width = max(positions.values()) + 1
+    caption_last = positions.get("Caption") == width - 1
+
+    records: list[tuple] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    joined_rows = 0
+    line = reader.line_num + 1
+    for fields in reader:
+        start, line = line, reader.line_num + 1
+        if not any(field.strip() for field in fields):
+            continue  # blank line
+        while len(fields) > width and fields[-1].strip() == "":
+            fields = fields[:-1]
+        if len(fields) > width:
+            if not caption_last:
+                problems.append(f"line {start}: {len(fields)} fields, expected {width}; quote fields that contain commas")
+                continue
+            fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
+            joined_rows += 1
+
+        image_id = fields[positions["ImageID"]].strip() if len(fields) > positions["ImageID"] else ""
+        if not image_id:
+            problems.append(f"line {start}: empty ImageID")
+            continue
+        if image_id in seen:
+            problems.append(f"line {start}: duplicate ImageID {image_id!r} (first on line {seen[image_id]})")
+            continue
+        seen[image_id] = start
+
+        labels: list[int] = []
+        if "Labels" in positions:
+            raw = fields[positions["Labels"]] if len(fields) > positions["Labels"] else ""
+            labels, problem = _parse_labels(raw)
+            if problem and (require_labels or raw.strip()):
+                problems.append(f"line {start} ({image_id}): {problem}; expected space-separated integer ids")
+                continue
+        caption_at = positions.get("Caption")
+        caption = fields[caption_at].strip() if caption_at is not None and len(fields) > caption_at else ""
+        records.append((image_id, labels, caption, start))
+
+    if problems:
+        raise DatasetError(_format_problems(path, problems, "Fix these rows and load the file again."))
+    if joined_rows:
+        logger.warning("%s: %d row(s) had unquoted commas in the caption; the fields were joined back", path, joined_rows)
+    return records
+
+
+# ----------------------------------------------------------------------------- label set
+
+
+def read_label_names(root: Path, labels: Sequence[int]) -> dict[int, str]:
+    """Name each label id: from `labels.csv` when the folder has one, else COCO names, else the id."""
+    names: dict[int, str] = {}
+    names_file = root / LABEL_NAMES_FILE
+    if names_file.is_file():
+        with names_file.open(encoding="utf-8-sig", newline="") as handle:
+            for row in csv.DictReader(handle):
+                try:
+                    names[int(row["Label"])] = row["Name"].strip()
+                except (KeyError, TypeError, ValueError) as error:
+                    raise DatasetError(
+                        f"{names_file}: invalid row {row}; expected columns Label,Name with integer labels"
+                    ) from error
+    coco = all(label in COCO_NAMES for label in labels)
+    for label in labels:
+        if label not in names:
+            names[label] = COCO_NAMES[label] if coco else f"label {label}"
+    return names
+
+
+def targets_from_labels(label_lists: Iterable[Sequence[int]], labels: Sequence[int]) -> np.ndarray:
+    """Build the (rows, len(labels)) float32 0/1 target matrix; ids not in `labels` are ignored."""
+    column = {label: index for index, label in enumerate(labels)}
+    label_lists = list(label_lists)
+    targets = np.zeros((len(label_lists), len(labels)), dtype=np.float32)
+    for row, row_labels in enumerate(label_lists):
+        for label in row_labels:
+            if label in column:
+                targets[row, column[label]] = 1.0
+    return targets
+
+
+# ----------------------------------------------------------------------------- dataset folders
+
+
+@dataclass
+class DatasetFolder:
+    """A dataset folder on disk: its tables, label set and image folder."""
+
+    root: Path
+    train: pd.DataFrame
+    test: pd.DataFrame | None
+    labels: list[int]  # sorted label ids found in train.csv
+    label_names: dict[int, str]
+    image_dir: Path | None  # None for a caption-only dataset
+
+    @property
+    def has_images(self) -> bool:
+        return self.image_dir is not None
+
+    def image_paths(self, frame: pd.DataFrame) -> list[Path]:
+        """Return the image path of every row of `frame`, rejecting ids that leave the image folder."""
+        if self.image_dir is None:
+            raise DatasetError(f"{self.root} has no {IMAGE_DIR_NAME}/ folder, so it has no images")
+        return [resolve_image_path(self.image_dir, image_id) for image_id in frame["ImageID"]]
+
+    def check_images_exist(self, frame: pd.DataFrame) -> None:
+        """Raise DatasetError listing rows whose image file is missing."""
+        problems = []
+        for image_id, line, path in zip(frame["ImageID"], frame["line"], self.image_paths(frame)):
+            if not path.is_file():
+                problems.append(f"line {line}: image {image_id!r} not found in {self.image_dir}")
+        if problems:
+            raise DatasetError(_format_problems(
+                self.root / "train.csv", problems,
+                f"Add the missing files to {self.image_dir} or remove their rows.",
+            ))
+
+
+def resolve_image_path(image_dir: Path, image_id: str) -> Path:
+    """Join an ImageID to the image folder, rejecting ids that point outside it."""
+    candidate = (image_dir / image_id).resolve()
+    root = image_dir.resolve()
+    if os.path.isabs(image_id) or root not in candidate.parents:
+        raise DatasetError(f"ImageID {image_id!r} points outside {image_dir}; use a file name inside that folder")
+    return candidate
+
+
+def load_dataset(root: str | os.PathLike) -> DatasetFolder:
+    """Load a dataset folder: `train.csv`, optional `test.csv`, optional `data/` and `labels.csv`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} not found; pass a folder that contains train.csv")
+    train_csv = root / "train.csv"
+    if not train_csv.is_file():
+        raise FileNotFoundError(
+            f"{train_csv} not found; a dataset folder needs a train.csv with columns {','.join(COLUMNS)}"
+        )
+
+    train = read_table(train_csv, require_labels=True)
+    if train.empty:
+        raise DatasetError(f"{train_csv}: header only, no rows; add at least one labelled row")
+    test_csv = root / "test.csv"
+    test = read_table(test_csv, require_labels=False) if test_csv.is_file() else None
+
+    labels = sorted({label for row_labels in train["Labels"] for label in row_labels})
+    image_dir = root / IMAGE_DIR_NAME
+    return DatasetFolder(
+        root=root,
+        train=train,
+        test=test,
+        labels=labels,
+        label_names=read_label_names(root, labels),
+        image_dir=image_dir if image_dir.is_dir() else None,
+    )
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split rows into seeded train and validation index arrays.
+
+    Every label with at least two rows gets at least one row on each side: labels
+    are placed rarest first, then the remaining rows fill the validation part in a
+    seeded random order up to `val_fraction` of all rows.
+
+    Args:
+        targets: (rows, labels) 0/1 matrix.
+        val_fraction: share of rows for validation, in (0, 1).
+        seed: random seed; the same seed and targets give the same split.
+
+    Returns:
+        (train_indices, val_indices), each sorted.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"invalid validation fraction {val_fraction}; expected a number between 0 and 1")
+    rows = len(targets)
+    if rows < 2:
+        raise DatasetError(f"{rows} labelled row(s) cannot be split into train and validation; add rows")
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(rows)
+    rank = np.empty(rows, dtype=np.int64)
+    rank[order] = np.arange(rows)
+    side = np.full(rows, -1, dtype=np.int8)  # -1 unassigned, 0 train, 1 validation
+
+    label_counts = targets.sum(axis=0)
+    for label in np.argsort(label_counts, kind="stable"):
+        if label_counts[label] < 2:
+            continue
+        members = np.flatnonzero(targets[:, label] > 0)
+        members = members[np.argsort(rank[members])]
+        for wanted in (1, 0):
+            if (side[members] == wanted).any():
+                continue
+            free = members[side[members] == -1]
+            if free.size:
+                side[free[0]] = wanted
+            else:
+                logger.warning("label column %d could not be placed on both sides of the split", label)
+
+    target_val = max(1, round(rows * val_fraction))
+    for row in order:
+        if side[row] == -1:
+            side[row] = 1 if (side == 1).sum() < target_val else 0
+    if not (side == 0).any():
+        side[order[-1]] = 0
+    return np.flatnonzero(side == 0), np.flatnonzero(side == 1)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image as 8-bit RGB, applying its EXIF orientation.
+
+    Transparent images are composited on white; 16-bit and 32-bit grayscale is
+    scaled to 8 bits; CMYK, palette and grayscale images are converted.
+
+    Raises:
+        ValueError: the file is not a decodable image; the message names the file.
+    """
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path}: cannot decode image ({error}); replace or remove the file") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a decoded image of any mode to 8-bit RGB, applying its EXIF orientation."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        gray = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
+    """Resize an RGB image to a (3, image_size, image_size) uint8 tensor, ignoring the aspect ratio.
+
+    Squashing rather than cropping keeps objects near the borders, which may carry labels.
+    """
+    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_resized(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """Decode an image file and resize it to (3, image_size, image_size) uint8."""
+    return resize_to_tensor(open_image(path), image_size)
+
+
+def channel_stats(
+    paths: Sequence[Path], image_size: int, max_images: int = 2000, seed: int = 0
+) -> tuple[list[float], list[float]]:
+    """Compute per-channel mean and standard deviation of images scaled to [0, 1].
+
+    Images are resized to `image_size` first, as training sees them. With more
+    than `max_images` paths, a seeded random sample of that many is used, which
+    estimates the statistics of the whole set.
+    """
+    if not paths:
+        raise ValueError("no images to compute channel statistics from")
+    chosen = list(paths)
+    if len(chosen) > max_images:
+        picks = np.random.default_rng(seed).choice(len(chosen), size=max_images, replace=False)
+        chosen = [chosen[index] for index in sorted(picks)]
+
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    for path in chosen:
+        image = load_resized(path, image_size).to(torch.float64) / 255.0
+        total += image.sum(dim=(1, 2))
+        total_sq += (image**2).sum(dim=(1, 2))
+        pixels += image.shape[1] * image.shape[2]
+    mean = total / pixels
+    std = (total_sq / pixels - mean**2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def build_transform(
+    mean: Sequence[float], std: Sequence[float], augmentations: Iterable[str] = ()
+) -> v2.Compose:
+    """Build the tensor pipeline applied to a resized uint8 image: augmentations, then standardisation.
+
+    Args:
+        mean, std: per-channel statistics for `Normalize`, on the [0, 1] scale.
+        augmentations: any of "hflip", "vflip" (random flips, p=0.5), "jitter"
+            (brightness, contrast and saturation within 20%, hue within 0.05) and
+            "sharpness" (sharpness factor 2 with p=0.5). Empty for evaluation.
+    """
+    steps: list[v2.Transform] = []
+    chosen = set(augmentations)
+    unknown = chosen - set(AUGMENTATIONS)
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+    if "hflip" in chosen:
+        steps.append(v2.RandomHorizontalFlip())
+    if "vflip" in chosen:
+        steps.append(v2.RandomVerticalFlip())
+    if "jitter" in chosen:
+        steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05))
+    if "sharpness" in chosen:
+        steps.append(v2.RandomAdjustSharpness(sharpness_factor=2.0, p=0.5))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+# ----------------------------------------------------------------------------- torch Dataset
+
+
+class CaptionedImages(Dataset):
+    """Rows of (image, encoded caption, target); the image is omitted when `image_paths` is None.
+
+    Captions are encoded once here, not on every epoch.
+    """
+
+    def __init__(
+        self,
+        image_paths: Sequence[Path] | None,
+        captions: Sequence[str],
+        targets: np.ndarray,
+        image_size: int,
+        transform: v2.Compose | None,
+    ) -> None:
+        if image_paths is not None and len(image_paths) != len(captions):
+            raise ValueError(f"{len(image_paths)} image paths but {len(captions)} captions")
+        if len(targets) != len(captions):
+            raise ValueError(f"{len(targets)} target rows but {len(captions)} captions")
+        self.image_paths = list(image_paths) if image_paths is not None else None
+        self.encoded = [encode_trigrams(caption) for caption in captions]
+        self.targets = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        self.image_size = image_size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int):
+        image = None
+        if self.image_paths is not None:
+            image = load_resized(self.image_paths[index], self.image_size)
+            if self.transform is not None:
+                image = self.transform(image)
+        return image, self.encoded[index], self.targets[index]
+
+
+def collate_rows(rows: list) -> tuple[torch.Tensor | None, CaptionBatch, torch.Tensor]:
+    """Stack dataset rows into (images or None, CaptionBatch, targets)."""
+    images, encoded, targets = zip(*rows)
+    stacked = None if images[0] is None else torch.stack(images)
+    return stacked, collate_captions(encoded), torch.stack(targets)

@@ -1,0 +1,234 @@
+"""Run folders: the files a training run writes, and reading them back.
+
+A run folder under `checkpoints/` contains:
+
+- `config.json`: every setting of the run, the label set, preprocessing and library versions.
+- `progress.jsonl`: one JSON object per line, each with `time` (Unix seconds) and
+  `event`, one of `PROGRESS_EVENTS`. The run ends with `run_finished` or `run_failed`.
+- `split.json`: the ImageIDs of the train and validation parts.
+- `last.pt` (every epoch) and `best.pt` (best validation samples F1): checkpoints
+  with keys `CHECKPOINT_KEYS`, loadable with `torch.load(..., weights_only=True)`.
+- `metrics.json`: final metrics of the best epoch, per-label scores included.
+- `thresholds.json`: per-label decision thresholds tuned on the validation part.
+- `train.log`: the log of the training process.
+
+JSON files and checkpoints are written to a temporary file and renamed into place,
+so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_metric", "config", "labels", "format_version")
+PROGRESS_EVENTS = ("run_started", "step", "epoch_end", "checkpoint_saved", "run_finished", "run_failed")
+DEFAULT_RUNS_DIR = "checkpoints"
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(handle)` on a temporary file next to `path`, flush it to disk, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+
+
+def read_json(path: Path) -> Any:
+    with Path(path).open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write a checkpoint atomically after checking it has exactly the documented keys."""
+    if set(checkpoint) != set(CHECKPOINT_KEYS):
+        raise ValueError(f"checkpoint keys {sorted(checkpoint)} differ from {sorted(CHECKPOINT_KEYS)}")
+    atomic_write(Path(path), lambda handle: torch.save(checkpoint, handle))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`, so no pickled code can run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; the run may not have finished an epoch yet")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or zip errors here
+        raise ValueError(
+            f"{path}: cannot be loaded as a weights-only checkpoint ({type(error).__name__}: {error}). "
+            "It may be damaged or contain pickled objects; retrain or use a checkpoint written by this program."
+        ) from error
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(f"{path}: not a checkpoint written by this program (no 'model' entry)")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- progress events
+
+
+class ProgressWriter:
+    """Append progress events to `progress.jsonl`, one flushed JSON object per line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if event not in PROGRESS_EVENTS:
+            raise ValueError(f"unknown progress event {event!r}; expected one of {PROGRESS_EVENTS}")
+        record = {"time": round(time.time(), 3), "event": event, **fields}
+        self._handle.write(json.dumps(record, allow_nan=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_progress(path: Path) -> list[dict[str, Any]]:
+    """Read progress events, skipping a trailing partial line and lines that are not JSON objects."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    events = []
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break  # the writer is still in the middle of this line
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s: skipped a line that is not valid JSON", path)
+                continue
+            if isinstance(record, dict) and "event" in record:
+                events.append(record)
+    return events
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def check_run_name(name: str) -> str:
+    """Return `name` if it is a valid run folder name, else raise ValueError."""
+    if not RUN_NAME_PATTERN.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"invalid run name {name!r}; use letters, digits, '.', '_' and '-' only "
+            "(at most 100 characters, starting with a letter or digit)"
+        )
+    return name
+
+
+def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> Path:
+    """Find a run folder given its path or its name under `runs_dir`."""
+    candidate = Path(run)
+    for path in (candidate, Path(runs_dir) / candidate):
+        if (path / "config.json").is_file():
+            return path
+    raise FileNotFoundError(
+        f"run {str(run)!r} not found: no config.json in {candidate} or {Path(runs_dir) / candidate}; "
+        "list runs with 'python -m core runs'"
+    )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunSummary:
+    """The headline facts of one run folder."""
+
+    path: Path
+    name: str
+    model: str
+    captions: bool
+    status: str  # running, finished, failed or interrupted
+    epochs_done: int
+    epochs_planned: int
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def summarize_run(path: Path) -> RunSummary:
+    """Summarise a run folder from its config and progress events."""
+    config = read_json(path / "config.json")
+    events = read_progress(path / "progress.jsonl")
+    epochs = [event for event in events if event["event"] == "epoch_end"]
+    final = next((event for event in reversed(events) if event["event"] in ("run_finished", "run_failed")), None)
+    started = next((event for event in reversed(events) if event["event"] == "run_started"), None)
+
+    error = None
+    if final is not None and final["event"] == "run_finished":
+        status = "finished"
+    elif final is not None:
+        status, error = "failed", f"{final.get('error_type')}: {final.get('message')}"
+    elif started is not None and _process_alive(int(started.get("pid", -1))):
+        status = "running"
+    else:
+        status = "interrupted"
+
+    best = {}
+    if epochs:
+        best_event = max(epochs, key=lambda event: event.get("samples_f1_score", float("-inf")))
+        best = {key: value for key, value in best_event.items() if key not in ("time", "event", "per_label")}
+    return RunSummary(
+        path=path,
+        name=path.name,
+        model=config.get("model", "?"),
+        captions=bool(config.get("captions")),
+        status=status,
+        epochs_done=len(epochs),
+        epochs_planned=int(config.get("epochs", 0)),
+        best_metrics=best,
+        error=error,
+    )
+
+
+def list_runs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[RunSummary]:
+    """Summarise every run folder under `runs_dir`, newest first; unreadable folders are logged and skipped."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    summaries = []
+    for path in runs_dir.iterdir():
+        if not (path / "config.json").is_file():
+            continue
+        try:
+            summaries.append(summarize_run(path))
+        except (OSError, ValueError) as error:
+            logger.warning("skipped run folder %s: %s", path, error)
+    return sorted(summaries, key=lambda summary: (summary.path / "config.json").stat().st_mtime, reverse=True)

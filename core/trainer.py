@@ -1,0 +1,636 @@
+"""The training loop: configuration, data, model, epochs, checkpoints and progress events.
+
+`train(config)` is the one training path; the command line (`python -m core train`)
+and the dashboard both reach it through the CLI. It reads top to bottom: seed and
+device, data, run folder, model, loss and optimizer, epoch loop, final metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+from tqdm import tqdm
+
+from core import datasets
+from core.datasets import AUGMENTATIONS, CaptionedImages, DatasetFolder, collate_rows
+from core.metrics import DEFAULT_THRESHOLD, decide, f1_scores, per_label_scores, sigmoid, tune_thresholds
+from core.models import IMAGENET_MEAN, IMAGENET_STD, count_parameters, create_model, get_model_spec, list_models
+from core.runs import (
+    CHECKPOINT_FORMAT_VERSION,
+    DEFAULT_RUNS_DIR,
+    ProgressWriter,
+    check_run_name,
+    save_checkpoint,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("bce", "soft_margin")
+SAMPLERS = ("none", "weighted")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+NORMALIZATIONS = ("auto", "dataset", "imagenet", "none")
+AUX_LOSS_WEIGHT = 0.4  # weight of Inception's auxiliary loss, as in torchvision's training reference
+STEP_EVENT_INTERVAL = 1.0  # seconds between `step` progress events
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; stored as the run's config.json."""
+
+    # data
+    data: str | None = None  # dataset folder; None uses the generated demo dataset
+    val_fraction: float = 0.2  # share of labelled rows held out for validation, in (0, 1)
+    limit: int | None = None  # use only the first N labelled rows (quick trials); None uses all
+
+    # model
+    model: str = "cnn2"  # a name from core.models.list_models()
+    captions: bool = True  # fuse the caption trigram encoding at the first fully connected layer
+    pretrained: bool | None = None  # ImageNet weights for the backbone; None: yes where available
+    weights: str | None = None  # local backbone weights file instead of the default source
+    freeze_backbone: bool = False  # train only the head (and caption branch)
+    dropout: float = 0.5  # dropout probability in the head; 0 disables dropout
+    batch_norm: bool = False  # batch normalisation after each convolution (basic_cnn, cnn2)
+    conv_layers: int = 4  # convolution layers of cnn2: 4 or 5
+    fc_layers: int | None = None  # fully connected layers in the head, 1-3; None: model default
+    hidden_size: int | None = None  # width of hidden fully connected layers; None: model default
+    image_size: int | None = None  # square input side in pixels; None: model's native size
+
+    # preprocessing
+    normalization: str = "auto"  # auto (pretrained: its statistics, else dataset), dataset, imagenet, none
+    augment: list[str] = field(default_factory=lambda: ["hflip"])  # any of hflip, vflip, jitter, sharpness
+
+    # loss and label imbalance
+    loss: str = "bce"  # bce (BCE with logits) or soft_margin (multi-label soft margin)
+    pos_weight: bool = False  # bce only: weight positives of each label by negatives/positives
+    sampler: str = "none"  # none, or weighted: oversample rows with rare labels
+
+    # optimisation
+    optimizer: str = "adam"  # adam, adamw or sgd (momentum 0.9)
+    lr: float = 1e-3  # learning rate
+    weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
+    scheduler: str = "none"  # none, or cosine: cosine decay of the learning rate to 0 over the epochs
+    epochs: int = 5  # passes over the training part
+    batch_size: int = 32  # rows per step
+    seed: int = 0  # seeds the split, initialisation, shuffling and augmentation
+
+    # system
+    device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps
+    amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16)
+    workers: int | None = None  # data loading processes; None: sized to the machine
+
+    # evaluation
+    threshold: float = DEFAULT_THRESHOLD  # probability at which a label is predicted
+    tune_thresholds: bool = True  # tune per-label thresholds on validation for predict and submit
+
+    # output
+    runs_dir: str = DEFAULT_RUNS_DIR  # folder that contains the run folders
+    run_name: str | None = None  # run folder name; None: <model>-<date>-<time>
+
+    def validate(self) -> None:
+        """Check every field before any work starts; raise ValueError naming the field and the fix."""
+        if self.model not in list_models():
+            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("normalization", self.normalization, NORMALIZATIONS)
+        for name in self.augment:
+            _check_choice("augment", name, AUGMENTATIONS)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"invalid val_fraction {self.val_fraction}; expected a number between 0 and 1")
+        if self.limit is not None and self.limit < 2:
+            raise ValueError(f"invalid limit {self.limit}; expected at least 2 rows")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"invalid dropout {self.dropout}; expected a probability in [0, 1)")
+        if self.conv_layers not in (4, 5):
+            raise ValueError(f"invalid conv_layers {self.conv_layers}; cnn2 supports 4 or 5")
+        if self.fc_layers is not None and self.fc_layers not in (1, 2, 3):
+            raise ValueError(f"invalid fc_layers {self.fc_layers}; expected 1, 2 or 3")
+        if self.hidden_size is not None and self.hidden_size < 1:
+            raise ValueError(f"invalid hidden_size {self.hidden_size}; expected a positive width")
+        if self.image_size is not None and not 32 <= self.image_size <= 1024:
+            raise ValueError(f"invalid image_size {self.image_size}; expected 32 to 1024 pixels")
+        if self.model == "inception_v3" and self.image_size is not None and self.image_size < 75:
+            raise ValueError(f"invalid image_size {self.image_size} for inception_v3; it needs at least 75 pixels")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"invalid epochs {self.epochs} or batch_size {self.batch_size}; both must be at least 1")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"invalid lr {self.lr}; expected a positive learning rate")
+        if self.weight_decay < 0:
+            raise ValueError(f"invalid weight_decay {self.weight_decay}; expected 0 or more")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"invalid threshold {self.threshold}; expected a probability between 0 and 1")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"invalid workers {self.workers}; expected 0 or more")
+        if self.pos_weight and self.loss != "bce":
+            raise ValueError("pos_weight applies to the bce loss only; drop it or use --loss bce")
+        if self.model == "caption_only" and not self.captions:
+            raise ValueError("caption_only needs captions; remove --no-captions or pick an image model")
+        if self.run_name is not None:
+            check_run_name(self.run_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build a config from a dict, ignoring keys that are not config fields (such as resolved values)."""
+        names = {item.name for item in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"invalid {name} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_device(requested: str) -> torch.device:
+    """Pick CUDA, then Apple MPS, then CPU for "auto"; raise ValueError if a forced device is missing."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if requested == "cuda" and not cuda:
+        raise ValueError("device cuda requested but no CUDA GPU is available; use --device auto or cpu")
+    if requested == "mps" and not mps:
+        raise ValueError("device mps requested but Apple MPS is not available; use --device auto or cpu")
+    return torch.device(requested)
+
+
+def default_workers(uses_images: bool) -> int:
+    """Data loading processes: none for captions only, else one per spare core, at most 8."""
+    if not uses_images:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def new_run_dir(runs_dir: Path, run_name: str | None, model: str) -> Path:
+    """Create a new run folder; a generated name gets a numeric suffix if the folder exists."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    if run_name is not None:
+        path = runs_dir / check_run_name(run_name)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise ValueError(f"run folder {path} already exists; choose another --run-name") from None
+        return path
+    base = f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
+    for suffix in range(1000):
+        path = runs_dir / (base if suffix == 0 else f"{base}-{suffix}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run folder under {runs_dir}")
+
+
+def library_versions() -> dict[str, str]:
+    import PIL
+    import sklearn
+    import torchvision
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+    # torch.__version__ is a str subclass that weights-only checkpoint loading rejects.
+    return {name: str(version) for name, version in versions.items()}
+
+
+def pos_weights(train_targets: np.ndarray) -> torch.Tensor:
+    """Per-label BCE positive weights: negatives / positives on the training part (1 for absent labels)."""
+    positives = train_targets.sum(axis=0)
+    negatives = len(train_targets) - positives
+    weights = np.divide(negatives, positives, out=np.ones_like(positives), where=positives > 0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def row_sample_weights(train_targets: np.ndarray) -> torch.Tensor:
+    """Weight each row by the inverse frequency of its rarest label, for WeightedRandomSampler."""
+    counts = train_targets.sum(axis=0)
+    inverse = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+    weights = (train_targets * inverse).max(axis=1)
+    weights[weights == 0] = inverse[inverse > 0].min() if (inverse > 0).any() else 1.0
+    return torch.tensor(weights, dtype=torch.double)
+
+
+def build_loss(name: str, positive_weights: torch.Tensor | None) -> nn.Module:
+    if name == "soft_margin":
+        return nn.MultiLabelSoftMarginLoss()
+    return nn.BCEWithLogitsLoss(pos_weight=positive_weights)
+
+
+def build_optimizer(name: str, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """Mixed-precision dtype for CUDA (bfloat16 where supported, else float16), or None for full precision."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class PreparedData:
+    """The training and validation parts of a dataset, ready for loaders."""
+
+    folder: DatasetFolder
+    train_rows: Any  # pandas DataFrame
+    val_rows: Any
+    train_targets: np.ndarray
+    val_targets: np.ndarray
+    image_size: int
+    mean: list[float]
+    std: list[float]
+
+
+def prepare_data(config: TrainConfig, uses_images: bool, pretrained: bool) -> PreparedData:
+    """Load the dataset, check its images, split it and choose the normalisation statistics."""
+    if config.data is None:
+        from core.demo import ensure_demo_dataset
+
+        config.data = str(ensure_demo_dataset())
+        logger.info("no --data given; using the generated demo dataset in %s", config.data)
+    folder = datasets.load_dataset(config.data)
+    rows = folder.train if config.limit is None else folder.train.iloc[: config.limit]
+    if uses_images:
+        if not folder.has_images:
+            raise ValueError(
+                f"{folder.root} has no {datasets.IMAGE_DIR_NAME}/ folder, so {config.model} cannot train on it; "
+                "use --model caption_only for a caption-only dataset"
+            )
+        folder.check_images_exist(rows)
+
+    targets = datasets.targets_from_labels(rows["Labels"], folder.labels)
+    train_index, val_index = datasets.split_indices(targets, config.val_fraction, config.seed)
+    spec = get_model_spec(config.model)
+    image_size = config.image_size or spec.input_size
+
+    mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    normalization = config.normalization
+    if normalization == "auto":
+        normalization = "pretrained" if pretrained else "dataset"
+    if uses_images and normalization == "pretrained":
+        mean, std = list(spec.mean), list(spec.std)
+    elif uses_images and normalization == "imagenet":
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    elif uses_images and normalization == "dataset":
+        paths = folder.image_paths(rows.iloc[train_index])
+        logger.info("computing channel statistics over %d training images", min(len(paths), 2000))
+        mean, std = datasets.channel_stats(paths, image_size, seed=config.seed)
+    return PreparedData(
+        folder=folder,
+        train_rows=rows.iloc[train_index],
+        val_rows=rows.iloc[val_index],
+        train_targets=targets[train_index],
+        val_targets=targets[val_index],
+        image_size=image_size,
+        mean=mean,
+        std=std,
+    )
+
+
+def make_dataset(data: PreparedData, rows, targets: np.ndarray, uses_images: bool, augment: Sequence[str]) -> CaptionedImages:
+    paths = data.folder.image_paths(rows) if uses_images else None
+    transform = datasets.build_transform(data.mean, data.std, augment) if uses_images else None
+    return CaptionedImages(paths, list(rows["Caption"]), targets, data.image_size, transform)
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    epoch: int,
+    progress: ProgressWriter,
+) -> dict[str, float]:
+    """Run one pass over `loader`; return the mean training loss, throughput and duration."""
+    model.train()
+    total_loss, total_rows = 0.0, 0
+    steps = len(loader)
+    started = last_event = time.perf_counter()
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", unit="step", leave=False, file=sys.stderr, disable=None)
+    for step, (images, captions, targets) in enumerate(bar, start=1):
+        images = images.to(device, non_blocking=True) if images is not None else None
+        captions = captions.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, aux_logits = model(images, captions, return_aux=True)
+            loss = loss_fn(logits.float(), targets)
+            if aux_logits is not None:
+                loss = loss + AUX_LOSS_WEIGHT * loss_fn(aux_logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
+                "lower the learning rate (--lr) or check the data"
+            )
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+        rows = len(targets)
+        total_loss += loss.item() * rows
+        total_rows += rows
+        now = time.perf_counter()
+        bar.set_postfix(loss=f"{total_loss / total_rows:.4f}")
+        if now - last_event >= STEP_EVENT_INTERVAL or step == steps:
+            progress.emit(
+                "step", epoch=epoch, step=step, steps=steps, train_loss=total_loss / total_rows,
+                images_per_second=total_rows / max(now - started, 1e-9),
+            )
+            last_event = now
+    bar.close()
+    seconds = time.perf_counter() - started
+    return {"train_loss": total_loss / max(total_rows, 1), "train_seconds": seconds,
+            "train_images_per_second": total_rows / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def predict_loader(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (logits, targets) for every row of `loader`, in order."""
+    model.eval()
+    all_logits, all_targets = [], []
+    for images, captions, targets in loader:
+        images = images.to(device, non_blocking=True) if images is not None else None
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images, captions.to(device, non_blocking=True))
+        all_logits.append(logits.float().cpu().numpy())
+        all_targets.append(targets.numpy())
+    return np.concatenate(all_logits), np.concatenate(all_targets)
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    threshold: float | np.ndarray,
+    labels: Sequence[int],
+    label_names: dict[int, str],
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Score `model` on `loader`: validation loss, samples/micro/macro F1 and per-label scores.
+
+    Returns:
+        (metrics, probs, targets), the last two of shape (rows, labels).
+    """
+    logits, targets = predict_loader(model, loader, device, amp_dtype)
+    val_loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(targets)).item())
+    probs = sigmoid(logits)
+    predictions = decide(probs, threshold)
+    metrics: dict[str, Any] = {"val_loss": val_loss, **f1_scores(targets, predictions)}
+    metrics["per_label"] = per_label_scores(targets, predictions, labels, label_names)
+    return metrics, probs, targets
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def create_run(config: TrainConfig) -> Path:
+    """Validate `config`, create its run folder and write the settings to config.json.
+
+    Called before `train` so that the caller can attach a log file to the folder.
+    """
+    config.validate()
+    if config.data is not None and not Path(config.data).is_dir():
+        raise FileNotFoundError(f"dataset folder {config.data} not found; pass a folder that contains train.csv")
+    run_dir = new_run_dir(Path(config.runs_dir), config.run_name, config.model)
+    config.run_name = run_dir.name
+    write_json(run_dir / "config.json", config.to_dict())
+    return run_dir
+
+
+def train(config: TrainConfig, run_dir: Path | None = None) -> Path:
+    """Train one run end to end and return its run folder.
+
+    Args:
+        config: the run's settings.
+        run_dir: a folder made by `create_run(config)`; None creates one.
+
+    Raises:
+        ValueError, FileNotFoundError: invalid settings or data, before the first step.
+        FloatingPointError: the loss became NaN or infinite; the last good checkpoint is kept.
+    """
+    if run_dir is None:
+        run_dir = create_run(config)
+    progress = ProgressWriter(run_dir / "progress.jsonl")
+    progress.emit("run_started", pid=os.getpid(), config=config.to_dict())
+    try:
+        best_metric, final = _train_in(config, run_dir, progress)
+        progress.emit("run_finished", best_metric=best_metric, **{k: v for k, v in final.items() if k != "per_label"})
+    except BaseException as error:
+        message = str(error) or type(error).__name__
+        if isinstance(error, KeyboardInterrupt):
+            message = "interrupted by the user"
+        progress.emit("run_failed", error_type=type(error).__name__, message=message)
+        raise
+    finally:
+        progress.close()
+    return run_dir
+
+
+def _train_in(config: TrainConfig, run_dir: Path, progress: ProgressWriter) -> tuple[float, dict[str, Any]]:
+    # Seed and device
+    seed_everything(config.seed)
+    device = select_device(config.device)
+    amp_dtype = autocast_dtype(device, config.amp)
+    spec = get_model_spec(config.model)
+    pretrained = spec.supports_pretrained and config.pretrained is not False
+
+    # Data
+    data = prepare_data(config, spec.uses_images, pretrained)
+    folder = data.folder
+    train_set = make_dataset(data, data.train_rows, data.train_targets, spec.uses_images, config.augment)
+    val_set = make_dataset(data, data.val_rows, data.val_targets, spec.uses_images, ())
+    workers = config.workers if config.workers is not None else default_workers(spec.uses_images)
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = None
+    if config.sampler == "weighted":
+        sampler = WeightedRandomSampler(row_sample_weights(data.train_targets), len(train_set), generator=generator)
+    loader_options = dict(
+        batch_size=config.batch_size, num_workers=workers, collate_fn=collate_rows,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+    )
+    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, generator=generator, **loader_options)
+    val_loader = DataLoader(val_set, shuffle=False, **loader_options)
+
+    # Model, loss and optimizer
+    model = create_model(
+        config.model, len(folder.labels), captions=config.captions, pretrained=pretrained,
+        weights_path=config.weights, dropout=config.dropout, batch_norm=config.batch_norm,
+        conv_layers=config.conv_layers, fc_layers=config.fc_layers, hidden_size=config.hidden_size,
+        image_size=data.image_size, freeze_backbone=config.freeze_backbone,
+    ).to(device)
+    positive_weights = pos_weights(data.train_targets) if config.pos_weight else None
+    loss_fn = build_loss(config.loss, positive_weights.to(device) if positive_weights is not None else None)
+    eval_loss_fn = build_loss(config.loss, positive_weights)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.weight_decay)
+    scheduler = None
+    if config.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    # Resolved settings: config.json and split.json describe the run before the first step
+    resolved = {
+        **config.to_dict(),
+        "pretrained": pretrained,
+        "labels": folder.labels,
+        "label_names": {str(label): name for label, name in folder.label_names.items()},
+        "uses_images": spec.uses_images,
+        "image_size": data.image_size if spec.uses_images else None,
+        "mean": data.mean,
+        "std": data.std,
+        "encoder": {"name": "trigram", "dim": 26**3},
+        "train_rows": len(train_set),
+        "val_rows": len(val_set),
+        "parameters": count_parameters(model),
+        "trainable_parameters": count_parameters(model, trainable_only=True),
+        "device_used": str(device),
+        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+        "workers_used": workers,
+        "versions": library_versions(),
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
+    write_json(run_dir / "config.json", resolved)
+    write_json(run_dir / "split.json", {"train": list(data.train_rows["ImageID"]), "val": list(data.val_rows["ImageID"])})
+    logger.info(
+        "run %s: %s on %s (%d train / %d validation rows, %d labels, %s parameters)",
+        run_dir.name, config.model, device, len(train_set), len(val_set), len(folder.labels),
+        f"{resolved['parameters']:,}",
+    )
+
+    # Epochs, then the final metrics of the best checkpoint
+    best_metric = _run_epochs(
+        config, model, train_loader, val_loader, loss_fn, eval_loss_fn, optimizer, scheduler, scaler,
+        device, amp_dtype, folder, resolved, run_dir, progress,
+    )
+    final = _finish_run(config, model, val_loader, eval_loss_fn, device, amp_dtype, folder, run_dir)
+    return best_metric, final
+
+
+def _run_epochs(
+    config, model, train_loader, val_loader, loss_fn, eval_loss_fn, optimizer, scheduler, scaler,
+    device, amp_dtype, folder, resolved, run_dir, progress,
+) -> float:
+    best_metric = float("-inf")
+    for epoch in range(1, config.epochs + 1):
+        trained = train_one_epoch(model, train_loader, loss_fn, optimizer, device, amp_dtype, scaler, epoch, progress)
+        if scheduler is not None:
+            scheduler.step()
+        started = time.perf_counter()
+        metrics, _, _ = evaluate(model, val_loader, eval_loss_fn, device, amp_dtype, config.threshold,
+                              folder.labels, folder.label_names)
+        metrics["val_seconds"] = time.perf_counter() - started
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        record = {"epoch": epoch, "epochs": config.epochs, **trained, **metrics}
+
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "epoch": epoch,
+            "best_metric": max(best_metric, metrics["samples_f1_score"]),
+            "config": resolved,
+            "labels": folder.labels,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+        }
+        save_checkpoint(run_dir / "last.pt", checkpoint)
+        progress.emit("checkpoint_saved", epoch=epoch, file="last.pt")
+        if metrics["samples_f1_score"] > best_metric:
+            best_metric = metrics["samples_f1_score"]
+            save_checkpoint(run_dir / "best.pt", checkpoint)
+            progress.emit("checkpoint_saved", epoch=epoch, file="best.pt")
+        progress.emit("epoch_end", **record)
+        logger.info(
+            "epoch %d/%d: train loss %.4f, val loss %.4f, samples F1 %.4f, micro F1 %.4f, macro F1 %.4f (%.0f images/s)",
+            epoch, config.epochs, trained["train_loss"], metrics["val_loss"], metrics["samples_f1_score"],
+            metrics["micro_f1_score"], metrics["macro_f1_score"], trained["train_images_per_second"],
+        )
+    return best_metric
+
+
+def _finish_run(config, model, val_loader, eval_loss_fn, device, amp_dtype, folder, run_dir) -> dict[str, Any]:
+    """Reload the best checkpoint, tune thresholds and write metrics.json and thresholds.json."""
+    from core.runs import load_checkpoint
+
+    best = load_checkpoint(run_dir / "best.pt")
+    model.load_state_dict(best["model"])
+    metrics, probs, targets = evaluate(model, val_loader, eval_loss_fn, device, amp_dtype, config.threshold,
+                                       folder.labels, folder.label_names)
+    final = {"best_epoch": best["epoch"], "threshold": config.threshold, **metrics}
+
+    if config.tune_thresholds:
+        thresholds = tune_thresholds(targets, probs)
+        tuned = f1_scores(targets, decide(probs, thresholds))
+        write_json(run_dir / "thresholds.json", {
+            "source": "tuned on the validation part for samples F1",
+            "thresholds": {str(label): float(value) for label, value in zip(folder.labels, thresholds)},
+        })
+        # Tuned and scored on the same rows, so these figures are optimistic.
+        final["tuned"] = tuned
+    write_json(run_dir / "metrics.json", final)
+    logger.info(
+        "best epoch %d: samples F1 %.4f, micro F1 %.4f, macro F1 %.4f at threshold %.2f%s",
+        best["epoch"], final["samples_f1_score"], final["micro_f1_score"], final["macro_f1_score"],
+        config.threshold,
+        f"; with tuned thresholds samples F1 {final['tuned']['samples_f1_score']:.4f} (tuned on the same rows)"
+        if "tuned" in final else "",
+    )
+    return final
