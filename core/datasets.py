@@ -9,8 +9,10 @@ a `train.csv` and no `data/` is a caption-only dataset. An optional `labels.csv`
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -65,11 +67,20 @@ def _format_problems(path: Path, problems: list[str], fix: str) -> str:
     return f"{path}: {len(problems)} invalid row(s):\n{shown}{tail}\n{fix}"
 
 
-def _read_header(path: Path, header: list[str], require_labels: bool) -> dict[str, int]:
-    """Map the standard column names to positions, matching case and surrounding spaces loosely."""
+# A line inside a caption that starts like a row ("12.jpg,"): the sign of an unclosed quote.
+_ROW_START = re.compile(r"[\r\n]+\s*([^,\s\"]+\.[A-Za-z]{3,4}),")
+
+
+def _strip_trailing_empty(header: list[str]) -> list[str]:
     names = [name.strip() for name in header]
     while names and names[-1] == "":
         names.pop()  # spreadsheet exports add a trailing empty column
+    return names
+
+
+def _read_header(path: Path, header: list[str], require_labels: bool) -> dict[str, int]:
+    """Map the standard column names to positions, matching case and surrounding spaces loosely."""
+    names = _strip_trailing_empty(header)
     positions: dict[str, int] = {}
     for index, name in enumerate(names):
         for column in COLUMNS:
@@ -124,26 +135,28 @@ def read_table(path: str | os.PathLike, require_labels: bool = True) -> pd.DataF
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
 
+    raw = path.read_bytes()
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            records = _read_records(path, handle, require_labels)
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
         raise DatasetError(
-            f"{path}: not valid UTF-8 text (byte {error.start}); re-save the file with UTF-8 encoding"
+            f"{path}: line {line} is not valid UTF-8 text (byte {error.start}); re-save the file with UTF-8 encoding"
         ) from error
+    records = _read_records(path, io.StringIO(text, newline=""), require_labels)
 
     frame = pd.DataFrame(records, columns=["ImageID", "Labels", "Caption", "line"])
     logger.info("read %d rows from %s", len(frame), path)
     return frame
 
 
-def _read_records(path: Path, handle, require_labels: bool) -> list[tuple]:
+def _read_records(path: Path, handle: io.StringIO, require_labels: bool) -> list[tuple]:
     reader = csv.reader(handle)
     header = next(reader, None)
     if header is None:
         raise DatasetError(f"{path}: the file is empty; expected a header line {','.join(COLUMNS)} and rows")
     positions = _read_header(path, header, require_labels)
-    width = max(positions.values()) + 1
+    width = max(len(_strip_trailing_empty(header)), max(positions.values()) + 1)
     caption_last = positions.get("Caption") == width - 1
 
     records: list[tuple] = []
@@ -182,6 +195,13 @@ def _read_records(path: Path, handle, require_labels: bool) -> list[tuple]:
                 continue
         caption_at = positions.get("Caption")
         caption = fields[caption_at].strip() if caption_at is not None and len(fields) > caption_at else ""
+        swallowed = _ROW_START.search(caption)
+        if swallowed:
+            problems.append(
+                f"line {start} ({image_id}): the caption opens a quote that is not closed, so it runs into the "
+                f"next row ({swallowed.group(1)!r}); close the quote or double it (\"\")"
+            )
+            continue
         records.append((image_id, labels, caption, start))
 
     if problems:
@@ -307,9 +327,12 @@ def load_dataset(root: str | os.PathLike) -> DatasetFolder:
 def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split rows into seeded train and validation index arrays.
 
-    Every label with at least two rows gets at least one row on each side: labels
-    are placed rarest first, then the remaining rows fill the validation part in a
-    seeded random order up to `val_fraction` of all rows.
+    Every label with at least two rows gets at least one row on each side where
+    such a split exists: labels are placed rarest first, then the remaining rows
+    fill the validation part in a seeded random order up to `val_fraction` of all
+    rows. When the greedy placement strands a label on one side, it is retried with
+    other seeded row orders (up to `SPLIT_ATTEMPTS`), and the split that covers the
+    most labels is kept.
 
     Args:
         targets: (rows, labels) 0/1 matrix.
@@ -325,34 +348,56 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[
     if rows < 2:
         raise DatasetError(f"{rows} labelled row(s) cannot be split into train and validation; add rows")
 
+    targets = np.asarray(targets) > 0
+    splittable = targets.sum(axis=0) >= 2
     rng = np.random.default_rng(seed)
+    best_side, best_missing = None, None
+    for _ in range(SPLIT_ATTEMPTS):
+        side = _greedy_split(targets, val_fraction, rng)
+        on_both = targets[side == 0].any(axis=0) & targets[side == 1].any(axis=0)
+        missing = int((splittable & ~on_both).sum())
+        if best_missing is None or missing < best_missing:
+            best_side, best_missing = side, missing
+        if missing == 0:
+            break
+    if best_missing:
+        logger.warning("%d label(s) with two or more rows could not be placed on both sides of the split", best_missing)
+    return np.flatnonzero(best_side == 0), np.flatnonzero(best_side == 1)
+
+
+SPLIT_ATTEMPTS = 50
+
+
+def _greedy_split(targets: np.ndarray, val_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Return a side per row (0 train, 1 validation), placing each label rarest first."""
+    rows = len(targets)
     order = rng.permutation(rows)
     rank = np.empty(rows, dtype=np.int64)
     rank[order] = np.arange(rows)
-    side = np.full(rows, -1, dtype=np.int8)  # -1 unassigned, 0 train, 1 validation
+    side = np.full(rows, -1, dtype=np.int8)  # -1 unassigned
 
     label_counts = targets.sum(axis=0)
     for label in np.argsort(label_counts, kind="stable"):
         if label_counts[label] < 2:
             continue
-        members = np.flatnonzero(targets[:, label] > 0)
+        members = np.flatnonzero(targets[:, label])
         members = members[np.argsort(rank[members])]
-        for wanted in (1, 0):
+        for wanted in rng.permutation([0, 1]):
             if (side[members] == wanted).any():
                 continue
             free = members[side[members] == -1]
             if free.size:
                 side[free[0]] = wanted
-            else:
-                logger.warning("label column %d could not be placed on both sides of the split", label)
 
     target_val = max(1, round(rows * val_fraction))
+    val_count = int((side == 1).sum())
     for row in order:
         if side[row] == -1:
-            side[row] = 1 if (side == 1).sum() < target_val else 0
+            side[row] = 1 if val_count < target_val else 0
+            val_count += int(side[row])
     if not (side == 0).any():
         side[order[-1]] = 0
-    return np.flatnonzero(side == 0), np.flatnonzero(side == 1)
+    return side
 
 
 # ----------------------------------------------------------------------------- images

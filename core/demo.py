@@ -145,7 +145,7 @@ def ensure_demo_dataset(root: str | os.PathLike = DEFAULT_DEMO_DIR) -> Path:
     root = Path(root)
     if not (root / DEMO_MARKER).is_file() or not (root / "train.csv").is_file():
         make_demo(root)
-    return root
+    return root.resolve()
 
 
 def is_demo_dataset(root: str | os.PathLike) -> bool:

@@ -120,6 +120,8 @@ class CaptionClassifier(nn.Module):
             raise ValueError(f"invalid fc_layers {fc_layers}; expected 1, 2 or 3")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"invalid dropout {dropout}; expected a probability in [0, 1)")
+        if hidden_size < 1:
+            raise ValueError(f"invalid hidden_size {hidden_size}; expected a positive width")
 
         widths = [hidden_size] * (fc_layers - 1) + [num_labels]
         self.backbone = backbone.module if backbone is not None else None
@@ -150,6 +152,7 @@ class CaptionClassifier(nn.Module):
         if self.freeze_backbone:
             for parameter in self.backbone.parameters():
                 parameter.requires_grad_(False)
+            self.train()  # puts the frozen backbone in evaluation mode from the start
 
     @property
     def uses_captions(self) -> bool:
@@ -250,7 +253,13 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path, ignore_prefixes: tuple[str, ...] = ()) -> None:
     state = {key: value for key, value in state.items() if not key.startswith(ignore_prefixes)}
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # raised for tensors whose shapes differ
+        raise ValueError(
+            f"{path}: weights do not match the architecture ({str(error).splitlines()[-1].strip()}); "
+            "pass weights saved from the same model"
+        ) from error
     missing = [key for key in result.missing_keys if not key.startswith(ignore_prefixes)]
     if missing or result.unexpected_keys:
         raise ValueError(
@@ -509,14 +518,14 @@ def create_model(
             weights_path=weights_path,
             batch_norm=batch_norm,
             conv_layers=conv_layers,
-            image_size=image_size or spec.input_size,
+            image_size=image_size if image_size is not None else spec.input_size,
         )
     return CaptionClassifier(
         backbone,
         num_labels,
         captions=captions,
-        fc_layers=fc_layers or spec.fc_layers,
-        hidden_size=hidden_size or spec.hidden_size,
+        fc_layers=fc_layers if fc_layers is not None else spec.fc_layers,
+        hidden_size=hidden_size if hidden_size is not None else spec.hidden_size,
         dropout=dropout,
         freeze_backbone=freeze_backbone,
     )

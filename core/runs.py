@@ -36,7 +36,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_metric", "config", "labels", "format_version")
 PROGRESS_EVENTS = ("run_started", "step", "epoch_end", "checkpoint_saved", "run_finished", "run_failed")
 DEFAULT_RUNS_DIR = "checkpoints"
-RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -138,7 +138,7 @@ def read_progress(path: Path) -> list[dict[str, Any]]:
 
 def check_run_name(name: str) -> str:
     """Return `name` if it is a valid run folder name, else raise ValueError."""
-    if not RUN_NAME_PATTERN.match(name) or name in (".", ".."):
+    if not RUN_NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"invalid run name {name!r}; use letters, digits, '.', '_' and '-' only "
             "(at most 100 characters, starting with a letter or digit)"
@@ -158,7 +158,9 @@ def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = DEFAULT_RU
     )
 
 
-def _process_alive(pid: int) -> bool:
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False  # 0 and negative ids would address process groups, not one process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -186,6 +188,8 @@ class RunSummary:
 def summarize_run(path: Path) -> RunSummary:
     """Summarise a run folder from its config and progress events."""
     config = read_json(path / "config.json")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'}: expected a JSON object, found {type(config).__name__}")
     events = read_progress(path / "progress.jsonl")
     epochs = [event for event in events if event["event"] == "epoch_end"]
     final = next((event for event in reversed(events) if event["event"] in ("run_finished", "run_failed")), None)
@@ -196,7 +200,7 @@ def summarize_run(path: Path) -> RunSummary:
         status = "finished"
     elif final is not None:
         status, error = "failed", f"{final.get('error_type')}: {final.get('message')}"
-    elif started is not None and _process_alive(int(started.get("pid", -1))):
+    elif started is not None and _process_alive(started.get("pid")):
         status = "running"
     else:
         status = "interrupted"
