@@ -1,6 +1,6 @@
 """Dataset folders: CSV parsing, the label set, splits, images, transforms and the torch Dataset.
 
-A dataset folder in the COMP5329 layout holds `train.csv` (ImageID,Labels,Caption),
+A dataset folder in the COMP5329 layout contains `train.csv` (ImageID,Labels,Caption),
 optionally `test.csv` (ImageID,Caption) and `data/` with the images. A folder with
 a `train.csv` and no `data/` is a caption-only dataset. An optional `labels.csv`
 (Label,Name) names the label ids; without it, COCO category ids get COCO names.
@@ -328,7 +328,7 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[
     """Split rows into seeded train and validation index arrays.
 
     Every label with at least two rows gets at least one row on each side where
-    such a split exists: labels are placed rarest first, then the remaining rows
+    such a split exists. Labels are placed rarest first. Then the remaining rows
     fill the validation part in a seeded random order up to `val_fraction` of all
     rows. When the greedy placement strands a label on one side, it is retried with
     other seeded row orders (up to `SPLIT_ATTEMPTS`), and the split that covers the
@@ -455,7 +455,7 @@ def channel_stats(
 ) -> tuple[list[float], list[float]]:
     """Compute per-channel mean and standard deviation of images scaled to [0, 1].
 
-    Images are resized to `image_size` first, as training sees them. With more
+    Images are resized to `image_size` first, as in training. With more
     than `max_images` paths, a seeded random sample of that many is used, which
     estimates the statistics of the whole set.
     """

@@ -80,8 +80,8 @@ def tune_thresholds(
     """Choose one threshold per label that maximises samples F1, by coordinate ascent.
 
     Starting from 0.5 everywhere, each label's threshold in turn is set to the grid
-    value with the best samples F1 while the others stay fixed; `rounds` passes
-    are made. A label keeps its current threshold unless another value is strictly
+    value with the best samples F1 while the others stay fixed. The search makes
+    `rounds` passes over the labels. A label keeps its current threshold unless another value is strictly
     better, so ties favour 0.5.
     """
     targets = np.asarray(targets, dtype=np.float64)

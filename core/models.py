@@ -3,10 +3,12 @@
 Every model is a `CaptionClassifier`: an image backbone that maps (B, 3, H, W)
 images to (B, F) features, followed by a head of 1 to 3 fully connected layers.
 With captions on, the trigram counts enter the first fully connected layer next
-to the image features, as in the report's "custom" models: a linear layer on
-[features, counts] equals a linear layer on the features plus a bias-free
-`EmbeddingBag` over the trigram ids weighted by their counts, which is how it is
-computed here. `caption_only` has no backbone and reads captions alone.
+to the image features. This follows the "custom" models of the COMP5329 2021
+assignment report by Narvasa, McLennan and Jadhav, which concatenate the count
+vector to the CNN features. A linear layer on [features, counts] equals a linear
+layer on the features plus a bias-free `EmbeddingBag` over the trigram ids
+weighted by their counts, and that sum is what is computed here. `caption_only`
+has no backbone and reads captions alone.
 
 Every model has the same interface: `forward(images, captions=None) -> logits` of
 shape (B, num_labels). A missing caption batch counts as empty captions.
@@ -63,7 +65,7 @@ class ModelSpec:
 
 @dataclass
 class Backbone:
-    """What a backbone builder returns."""
+    """The output of a backbone builder."""
 
     module: nn.Module  # images (B, 3, H, W) -> features (B, feature_dim)
     feature_dim: int
@@ -382,8 +384,8 @@ def resnet50(pretrained: bool = False, weights_path: str | None = None, **_) -> 
     fc_layers=1,
 )
 def inception_v3(pretrained: bool = False, weights_path: str | None = None, **_) -> Backbone:
-    # The ImageNet weights were trained on inputs in [-1, 1]; transform_input maps
-    # ImageNet-standardised inputs to that range, as torchvision does for these weights.
+    # The ImageNet weights expect inputs in [-1, 1]. With transform_input, the network maps
+    # ImageNet-standardised inputs to that range, as torchvision sets it for these weights.
     net = torchvision.models.inception_v3(
         weights=None, aux_logits=True, transform_input=pretrained, init_weights=not pretrained
     )
@@ -419,9 +421,11 @@ class _EfficientNetFeatures(nn.Module):
         return torch.flatten(self.pool(self.net.extract_features(images)), 1)  # (B, 1280)
 
 
-# The TensorFlow EfficientNet-Lite preprocessing subtracts 127 and divides by 128 on the
-# 0-255 scale. On 40 COCO photos these weights gave more confident ImageNet predictions
-# with it than with ImageNet mean/std (mean top-1 probability 0.39 against 0.33).
+# EfficientNet-Lite was trained with inception-style preprocessing: subtract 127 and
+# divide by 128 on the 0-255 scale (MEAN_RGB and STDDEV_RGB in the TensorFlow
+# efficientnet_lite_builder.py). On 40 COCO photos these converted weights gave more
+# confident ImageNet predictions with it than with ImageNet mean/std (mean top-1
+# probability 0.39 against 0.33).
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 

@@ -115,10 +115,12 @@ class TrainConfig:
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
         for name in self.augment:
             _check_choice("augment", name, AUGMENTATIONS)
+
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"invalid val_fraction {self.val_fraction}; expected a number between 0 and 1")
         if self.limit is not None and self.limit < 2:
             raise ValueError(f"invalid limit {self.limit}; expected at least 2 rows")
+
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"invalid dropout {self.dropout}; expected a probability in [0, 1)")
         if self.conv_layers not in (4, 5):
@@ -131,6 +133,7 @@ class TrainConfig:
             raise ValueError(f"invalid image_size {self.image_size}; expected 32 to 1024 pixels")
         if self.model == "inception_v3" and self.image_size is not None and self.image_size < 75:
             raise ValueError(f"invalid image_size {self.image_size} for inception_v3; it needs at least 75 pixels")
+
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"invalid epochs {self.epochs} or batch_size {self.batch_size}; both must be at least 1")
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -141,6 +144,7 @@ class TrainConfig:
             raise ValueError(f"invalid threshold {self.threshold}; expected a probability between 0 and 1")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"invalid workers {self.workers}; expected 0 or more")
+
         if self.pos_weight and self.loss != "bce":
             raise ValueError("pos_weight applies to the bce loss only; drop it or use --loss bce")
         if self.model == "caption_only" and not self.captions:
@@ -177,7 +181,11 @@ def select_device(requested: str) -> torch.device:
     cuda = torch.cuda.is_available()
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+        if cuda:
+            return torch.device("cuda")
+        if mps:
+            return torch.device("mps")
+        return torch.device("cpu")
     if requested == "cuda" and not cuda:
         raise ValueError("device cuda requested but no CUDA GPU is available; use --device auto or cpu")
     if requested == "mps" and not mps:
