@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
 from core.datasets import AUGMENTATIONS, DatasetError
 from core.models import PretrainedWeightsError, list_models
-from core.runs import DEFAULT_RUNS_DIR, list_runs, resolve_run
+from core.runs import DEFAULT_RUNS_DIR, describe_error, list_runs, resolve_run
 from core.trainer import (
     DEVICES,
     LOSSES,
@@ -31,7 +33,8 @@ from core.trainer import (
 logger = logging.getLogger("core")
 
 # Errors caused by the user's input or environment: reported as one message, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, PretrainedWeightsError, DatasetError)
+# OSError covers paths that are folders, files or unwritable where the command needs otherwise.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, PretrainedWeightsError, DatasetError)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -54,7 +57,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--captions", action=argparse.BooleanOptionalAction, default=defaults.captions,
                        help="fuse the caption trigram encoding into the first fully connected layer")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                       help="start the backbone from ImageNet weights (default: yes where the model has them)")
+                       help="start the backbone from ImageNet weights; None means yes where the model has them")
     model.add_argument("--weights", help="local backbone weights file to use instead of the default source")
     model.add_argument("--freeze-backbone", action="store_true", help="train only the head and caption branch")
     model.add_argument("--dropout", type=float, default=defaults.dropout,
@@ -72,7 +75,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     preprocessing.add_argument("--normalization", default=defaults.normalization, choices=NORMALIZATIONS,
                                help="channel statistics: auto uses the pretrained weights' statistics, "
                                     "else the training images' own")
-    preprocessing.add_argument("--augment", type=_comma_list, default=defaults.augment,
+    preprocessing.add_argument("--augment", type=_comma_list, default=",".join(defaults.augment),
                                help=f"comma-separated augmentations from {','.join(AUGMENTATIONS)}, or none")
 
     loss = parser.add_argument_group("loss and label imbalance")
@@ -117,15 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and use multi-label image classifiers with captions.",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    # The same flag after the subcommand; SUPPRESS keeps it from resetting a flag given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train_parser = commands.add_parser("train", formatter_class=formatter, help="train a model; writes a run folder",
-                                       description="Train a model and write a run folder under --runs-dir.")
+    train_parser = commands.add_parser(
+        "train", formatter_class=formatter, parents=[common],
+        help="train a model; writes a run folder",
+        description="Train a model and write a run folder under --runs-dir.")
     add_train_arguments(train_parser)
 
     run_help = "run folder, or a run name under --runs-dir"
     evaluate_parser = commands.add_parser(
-        "evaluate", formatter_class=formatter, help="score a run on its validation part or a labelled CSV",
+        "evaluate", formatter_class=formatter, parents=[common],
+        help="score a run on its validation part or a labelled CSV",
         description="Score a run's checkpoint: samples, micro and macro F1 and per-label scores.")
     evaluate_parser.add_argument("run", help=run_help)
     evaluate_parser.add_argument("--csv", help="labelled CSV (ImageID,Labels,Caption) to score on instead of "
@@ -136,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
 
     predict_parser = commands.add_parser(
-        "predict", formatter_class=formatter, help="label one image and caption",
+        "predict", formatter_class=formatter, parents=[common],
+        help="label one image and caption",
         description="Print every label's probability for one image and caption; predicted labels are marked.")
     predict_parser.add_argument("run", help=run_help)
     predict_parser.add_argument("--image", help="image file (required unless the run is caption-only)")
@@ -147,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
 
     submit_parser = commands.add_parser(
-        "submit", formatter_class=formatter, help="write a Kaggle-style ImageID,Labels file for test.csv",
+        "submit", formatter_class=formatter, parents=[common],
+        help="write a Kaggle-style ImageID,Labels file for test.csv",
         description="Predict every row of DATA/test.csv and write ImageID,Labels with space-separated label ids.")
     submit_parser.add_argument("run", help=run_help)
     submit_parser.add_argument("--data", required=True, help="dataset folder with test.csv (and data/ for images)")
@@ -155,13 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit_parser.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint")
     submit_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
 
-    runs_parser = commands.add_parser("runs", formatter_class=formatter, help="list run folders with their metrics",
-                                      description="List run folders, newest first, with status and best metrics.")
+    runs_parser = commands.add_parser(
+        "runs", formatter_class=formatter, parents=[common],
+        help="list run folders with their metrics",
+        description="List run folders, newest first, with status and best metrics.")
     runs_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
     runs_parser.add_argument("--json", action="store_true", help="print the list as JSON")
 
     demo_parser = commands.add_parser(
-        "make-demo", formatter_class=formatter, help="write a generated demo dataset of coloured shapes",
+        "make-demo", formatter_class=formatter, parents=[common],
+        help="write a generated demo dataset of coloured shapes",
         description="Write a small dataset in the COMP5329 layout: images of shapes, labels = the shapes "
                     "present, template captions that name some of them.")
     demo_parser.add_argument("dir", help="folder to write (new, empty or an earlier demo dataset)")
@@ -189,6 +203,15 @@ def command_train(args: argparse.Namespace) -> int:
     _out(f"run folder: {run_dir}")
     try:
         train(config, run_dir)
+    except USER_ERRORS as error:
+        logger.error("run %s failed: %s", run_dir.name, describe_error(error))
+        return 1
+    except KeyboardInterrupt:
+        logger.error("run %s interrupted by the user; its last completed epoch is in last.pt", run_dir.name)
+        return 130
+    except Exception:
+        logger.exception("run %s failed with an unexpected error", run_dir.name)
+        raise
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -216,7 +239,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
          f"{result['rows']} rows")
     _out(f"samples F1 {result['samples_f1_score']:.4f}   micro F1 {result['micro_f1_score']:.4f}   "
          f"macro F1 {result['macro_f1_score']:.4f}   (threshold {result['threshold']:.2f})")
-    _out(f"with the run's tuned thresholds: samples F1 {result['tuned']['samples_f1_score']:.4f}")
+    if result["tuned"] is not None:
+        _out(f"with the run's tuned thresholds: samples F1 {result['tuned']['samples_f1_score']:.4f}")
     _out()
     _out(f"{'label':>6}  {'name':<16} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}")
     for row in result["per_label"]:
@@ -234,6 +258,10 @@ def command_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"run {run_dir.name} ({predictor.config['model']}) needs an image; pass --image PATH")
     if args.image and not Path(args.image).is_file():
         raise FileNotFoundError(f"image {args.image} not found")
+    if args.top is not None and args.top < 1:
+        raise ValueError(f"invalid --top {args.top}; expected 1 or more labels")
+    if predictor.config["captions"] and not args.caption.strip():
+        logger.warning("no --caption given; the model sees an empty caption")
     scores = predictor.predict(args.image if predictor.uses_images else None, args.caption)
     if args.top is not None:
         scores = scores[: args.top]
@@ -244,8 +272,11 @@ def command_predict(args: argparse.Namespace) -> int:
     _out(f"predicted: {', '.join(predicted)}")
     _out(f"{'label':>6}  {'name':<16} {'probability':>11} {'threshold':>9}  predicted")
     for score in scores:
-        _out(f"{score.label:>6}  {score.name[:16]:<16} {score.probability:>11.3f} {score.threshold:>9.2f}  "
-             f"{'yes' if score.predicted else ''}")
+        mark = ""
+        if score.predicted:
+            # The most probable label is always predicted, even below its threshold.
+            mark = "yes" if score.probability >= score.threshold else "yes (top label)"
+        _out(f"{score.label:>6}  {score.name[:16]:<16} {score.probability:>11.3f} {score.threshold:>9.2f}  {mark}")
     return 0
 
 
@@ -296,12 +327,15 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE") and threading.current_thread() is threading.main_thread():
+        # Exit quietly when the reader of stdout goes away ("python -m core runs | head").
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as error:
-        logger.error("%s", error)
+        logger.error("%s", describe_error(error))
         return 1
     except KeyboardInterrupt:
         logger.error("interrupted")

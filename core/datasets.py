@@ -67,8 +67,27 @@ def _format_problems(path: Path, problems: list[str], fix: str) -> str:
     return f"{path}: {len(problems)} invalid row(s):\n{shown}{tail}\n{fix}"
 
 
-# A line inside a caption that starts like a row ("12.jpg,"): the sign of an unclosed quote.
-_ROW_START = re.compile(r"[\r\n]+\s*([^,\s\"]+\.[A-Za-z]{3,4}),")
+def _swallowed_row(caption: str, image_id: str, positions: dict[str, int], width: int) -> str | None:
+    """Return the ImageID of a row that an unclosed quote pulled into `caption`, or None.
+
+    A line inside a quoted caption counts as a swallowed row when it splits into a
+    full row whose ImageID has the same shape as this row's, such as "7.jpg" after
+    "12.jpg". In a file with labels, a full row with a valid Labels field counts too.
+    """
+    lines = re.split(r"\r\n|\r|\n", caption)[1:]
+    shape = re.compile(re.sub(r"\\d\+|\d+", r"\\d+", re.escape(image_id)))
+    for line in lines:
+        fields = next(csv.reader([line]), [])
+        if len(fields) < width:
+            continue
+        candidate = fields[positions["ImageID"]].strip()
+        if not candidate or any(char.isspace() for char in candidate):
+            continue
+        if shape.fullmatch(candidate):
+            return candidate
+        if "Labels" in positions and _parse_labels(fields[positions["Labels"]])[1] is None:
+            return candidate
+    return None
 
 
 def _strip_trailing_empty(header: list[str]) -> list[str]:
@@ -94,6 +113,9 @@ def _read_header(path: Path, header: list[str], require_labels: bool) -> dict[st
             f"{path}: missing column(s) {', '.join(missing)}; found {names or 'no header'}. "
             f"The first line must be the header {expected}."
         )
+    if "Caption" not in positions:
+        unknown = [name for index, name in enumerate(names) if index not in positions.values()]
+        logger.warning("%s: no Caption column (other columns: %s); every caption is empty", path, unknown or "none")
     return positions
 
 
@@ -101,9 +123,12 @@ def _parse_labels(text: str) -> tuple[list[int], str | None]:
     labels: list[int] = []
     for token in text.split():
         try:
-            labels.append(int(token))
+            label = int(token)
         except ValueError:
             return [], f"label {token!r} is not an integer"
+        if label < 0:
+            return [], f"label {token!r} is negative"
+        labels.append(label)
     if not labels:
         return [], "no labels"
     return sorted(set(labels)), None
@@ -195,11 +220,11 @@ def _read_records(path: Path, handle: io.StringIO, require_labels: bool) -> list
                 continue
         caption_at = positions.get("Caption")
         caption = fields[caption_at].strip() if caption_at is not None and len(fields) > caption_at else ""
-        swallowed = _ROW_START.search(caption)
+        swallowed = _swallowed_row(caption, image_id, positions, width) if "\n" in caption or "\r" in caption else None
         if swallowed:
             problems.append(
                 f"line {start} ({image_id}): the caption opens a quote that is not closed, so it runs into the "
-                f"next row ({swallowed.group(1)!r}); close the quote or double it (\"\")"
+                f"next row ({swallowed!r}); close the quote or double it (\"\")"
             )
             continue
         records.append((image_id, labels, caption, start))
@@ -271,9 +296,16 @@ class DatasetFolder:
         return [resolve_image_path(self.image_dir, image_id) for image_id in frame["ImageID"]]
 
     def check_images_exist(self, frame: pd.DataFrame) -> None:
-        """Raise DatasetError listing rows whose image file is missing."""
+        """Raise DatasetError listing rows whose image file is missing or lies outside the image folder."""
+        if self.image_dir is None:
+            raise DatasetError(f"{self.root} has no {IMAGE_DIR_NAME}/ folder, so it has no images")
         problems = []
-        for image_id, line, path in zip(frame["ImageID"], frame["line"], self.image_paths(frame)):
+        for image_id, line in zip(frame["ImageID"], frame["line"]):
+            try:
+                path = resolve_image_path(self.image_dir, image_id)
+            except DatasetError as error:
+                problems.append(f"line {line}: {error}")
+                continue
             if not path.is_file():
                 problems.append(f"line {line}: image {image_id!r} not found in {self.image_dir}")
         if problems:

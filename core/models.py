@@ -53,6 +53,7 @@ class ModelSpec:
     std: tuple[float, float, float] | None = None
     fc_layers: int = 2  # default number of fully connected layers in the head
     hidden_size: int = 512  # default width of the hidden fully connected layers
+    min_input_size: int = 32  # smallest input side in pixels that a training step accepts
 
     @property
     def uses_images(self) -> bool:
@@ -331,6 +332,7 @@ class _AlexNetFeatures(nn.Module):
     std=IMAGENET_STD,
     fc_layers=3,
     hidden_size=4096,
+    min_input_size=63,  # smaller inputs shrink the last feature map to nothing
 )
 def alexnet(pretrained: bool = False, weights_path: str | None = None, **_) -> Backbone:
     net = torchvision.models.alexnet(weights=None)
@@ -382,6 +384,7 @@ def resnet50(pretrained: bool = False, weights_path: str | None = None, **_) -> 
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     fc_layers=1,
+    min_input_size=299,  # the auxiliary classifier's 5x5 convolution needs a 17x17 map, reached from 299 px
 )
 def inception_v3(pretrained: bool = False, weights_path: str | None = None, **_) -> Backbone:
     # The ImageNet weights expect inputs in [-1, 1]. With transform_input, the network maps

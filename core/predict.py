@@ -47,6 +47,11 @@ class Predictor:
             raise ValueError(f"invalid checkpoint {checkpoint!r}; choose one of: {', '.join(CHECKPOINTS)}")
         self.run_dir = Path(run_dir)
         self.config: dict[str, Any] = read_json(self.run_dir / "config.json")
+        if "labels" not in self.config:
+            raise ValueError(
+                f"run {self.run_dir.name} stopped before training started, so it has no model; "
+                "see its progress.jsonl or train.log for the reason"
+            )
         self.labels: list[int] = [int(label) for label in self.config["labels"]]
         self.label_names = {int(label): name for label, name in self.config["label_names"].items()}
         self.device = torch.device(device)
@@ -72,6 +77,10 @@ class Predictor:
         self.image_size = self.config["image_size"]
         self.transform = datasets.build_transform(self.config["mean"], self.config["std"]) if self.uses_images else None
         self.thresholds = self._read_thresholds()
+
+    @property
+    def has_tuned_thresholds(self) -> bool:
+        return (self.run_dir / "thresholds.json").is_file()
 
     def _read_thresholds(self) -> np.ndarray:
         thresholds = np.full(len(self.labels), float(self.config["threshold"]))
@@ -120,9 +129,10 @@ class Predictor:
             if image_dir is None:
                 raise ValueError(f"run {self.run_dir.name} needs images, but the dataset has no image folder")
             paths = [datasets.resolve_image_path(image_dir, image_id) for image_id in rows["ImageID"]]
-            missing = [str(path) for path in paths if not path.is_file()]
+            missing = [f"line {line}: {path}" for line, path in zip(rows["line"], paths) if not path.is_file()]
             if missing:
-                raise FileNotFoundError(f"{len(missing)} image(s) not found, for example {missing[0]}")
+                shown = "\n  ".join(missing[:5])
+                raise FileNotFoundError(f"{len(missing)} image(s) not found:\n  {shown}\nAdd the files or remove their rows.")
         captions = list(rows["Caption"]) if self.config["captions"] else [""] * len(rows)
         dataset = CaptionedImages(paths, captions, np.zeros((len(rows), len(self.labels)), np.float32),
                                   self.image_size or 0, self.transform)
@@ -189,7 +199,7 @@ def evaluate_run(
         "epoch": predictor.epoch,
         "threshold": float(predictor.config["threshold"]),
         **f1_scores(targets, fixed),
-        "tuned": f1_scores(targets, tuned),
+        "tuned": f1_scores(targets, tuned) if predictor.has_tuned_thresholds else None,
         "per_label": per_label_scores(targets, fixed, predictor.labels, predictor.label_names),
         "unknown_labels": unknown,
     }

@@ -64,8 +64,12 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """Read a JSON file, raising ValueError that names the file when it is not valid JSON."""
     with Path(path).open(encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}); restore or delete the file") from error
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -83,8 +87,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or zip errors here
+        # The first line of torch's message names the failure. The rest recommends unsafe loading, so it is dropped.
+        cause = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"{path}: cannot be loaded as a weights-only checkpoint ({type(error).__name__}: {error}). "
+            f"{path}: cannot be loaded as a weights-only checkpoint ({type(error).__name__}: {cause}). "
             "It may be damaged or contain pickled objects; retrain or use a checkpoint written by this program."
         ) from error
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
@@ -133,6 +139,21 @@ def read_progress(path: Path) -> list[dict[str, Any]]:
     return events
 
 
+def describe_error(error: BaseException) -> str:
+    """Return the one-line cause of an error for users, without a traceback.
+
+    Errors raised inside DataLoader worker processes reach the main process with the
+    worker's traceback inside their message; only its last line is the cause.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted by the user"
+    message = str(error) or type(error).__name__
+    if "Original Traceback" in message:
+        lines = [line for line in message.splitlines() if line.strip()]
+        message = lines[-1].split(": ", 1)[-1] if lines else message
+    return message
+
+
 # ----------------------------------------------------------------------------- run folders
 
 
@@ -178,7 +199,7 @@ class RunSummary:
     name: str
     model: str
     captions: bool
-    status: str  # running, finished, failed or interrupted
+    status: str  # running, finished, failed, or interrupted (stopped by Ctrl-C or killed)
     epochs_done: int
     epochs_planned: int
     best_metrics: dict[str, Any] = field(default_factory=dict)
@@ -198,6 +219,8 @@ def summarize_run(path: Path) -> RunSummary:
     error = None
     if final is not None and final["event"] == "run_finished":
         status = "finished"
+    elif final is not None and final.get("error_type") == "KeyboardInterrupt":
+        status, error = "interrupted", final.get("message")
     elif final is not None:
         status, error = "failed", f"{final.get('error_type')}: {final.get('message')}"
     elif started is not None and _process_alive(started.get("pid")):

@@ -34,6 +34,7 @@ from core.runs import (
     DEFAULT_RUNS_DIR,
     ProgressWriter,
     check_run_name,
+    describe_error,
     save_checkpoint,
     write_json,
 )
@@ -46,6 +47,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 NORMALIZATIONS = ("auto", "dataset", "imagenet", "none")
+BATCH_NORM_MODELS = ("resnet18", "resnet50", "inception_v3", "efficientnet_lite0")
 AUX_LOSS_WEIGHT = 0.4  # weight of Inception's auxiliary loss, as in torchvision's training reference
 STEP_EVENT_INTERVAL = 1.0  # seconds between `step` progress events
 
@@ -131,11 +133,24 @@ class TrainConfig:
             raise ValueError(f"invalid hidden_size {self.hidden_size}; expected a positive width")
         if self.image_size is not None and not 32 <= self.image_size <= 1024:
             raise ValueError(f"invalid image_size {self.image_size}; expected 32 to 1024 pixels")
-        if self.model == "inception_v3" and self.image_size is not None and self.image_size < 75:
-            raise ValueError(f"invalid image_size {self.image_size} for inception_v3; it needs at least 75 pixels")
+        spec = get_model_spec(self.model)
+        if self.image_size is not None and spec.uses_images and self.image_size < spec.min_input_size:
+            raise ValueError(
+                f"invalid image_size {self.image_size} for {self.model}; it needs at least {spec.min_input_size} pixels"
+            )
+        if self.weights is not None:
+            if not spec.supports_pretrained:
+                raise ValueError(f"--weights applies to pretrained backbones; {self.model} has none, so drop it")
+            if self.pretrained is False:
+                raise ValueError("--weights loads pretrained backbone weights; drop --no-pretrained or --weights")
+            if not Path(self.weights).is_file():
+                raise FileNotFoundError(f"weights file {self.weights} not found; check the path passed with --weights")
 
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"invalid epochs {self.epochs} or batch_size {self.batch_size}; both must be at least 1")
+        has_batch_norm = self.batch_norm or self.model in BATCH_NORM_MODELS
+        if self.batch_size == 1 and has_batch_norm and not self.freeze_backbone:
+            raise ValueError(f"batch_size 1 cannot train {self.model} with batch normalisation; use at least 2")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"invalid lr {self.lr}; expected a positive learning rate")
         if self.weight_decay < 0:
@@ -296,8 +311,15 @@ class PreparedData:
     std: list[float]
 
 
-def prepare_data(config: TrainConfig, uses_images: bool, pretrained: bool) -> PreparedData:
-    """Load the dataset, check its images, split it and choose the normalisation statistics."""
+def load_checked_rows(config: TrainConfig) -> tuple[DatasetFolder, Any]:
+    """Load the dataset and the rows the run will use, checking images and captions.
+
+    With no `config.data`, the demo dataset is generated if needed and `config.data`
+    is set to it.
+
+    Raises:
+        ValueError, FileNotFoundError: the dataset cannot serve this run; the message gives the reason.
+    """
     if config.data is None:
         from core.demo import ensure_demo_dataset
 
@@ -305,14 +327,24 @@ def prepare_data(config: TrainConfig, uses_images: bool, pretrained: bool) -> Pr
         logger.info("no --data given; using the generated demo dataset in %s", config.data)
     folder = datasets.load_dataset(config.data)
     rows = folder.train if config.limit is None else folder.train.iloc[: config.limit]
-    if uses_images:
+    if get_model_spec(config.model).uses_images:
         if not folder.has_images:
             raise ValueError(
                 f"{folder.root} has no {datasets.IMAGE_DIR_NAME}/ folder, so {config.model} cannot train on it; "
                 "use --model caption_only for a caption-only dataset"
             )
         folder.check_images_exist(rows)
+    if config.captions and not any(caption.strip() for caption in rows["Caption"]):
+        raise ValueError(
+            f"{folder.root / 'train.csv'} has no captions (no Caption column, or every caption is empty); "
+            "add a Caption column or train with --no-captions"
+        )
+    return folder, rows
 
+
+def prepare_data(config: TrainConfig, uses_images: bool, pretrained: bool) -> PreparedData:
+    """Load the dataset, check its images, split it and choose the normalisation statistics."""
+    folder, rows = load_checked_rows(config)
     targets = datasets.targets_from_labels(rows["Labels"], folder.labels)
     train_index, val_index = datasets.split_indices(targets, config.val_fraction, config.seed)
     spec = get_model_spec(config.model)
@@ -456,13 +488,17 @@ def evaluate(
 def create_run(config: TrainConfig) -> Path:
     """Validate `config`, create its run folder and write the settings to config.json.
 
-    Called before `train` so that the caller can attach a log file to the folder.
+    Called before `train` so that the caller can attach a log file to the folder. The
+    device and the data are checked first, so invalid input leaves no run folder.
     """
     config.validate()
     if config.data is not None and not Path(config.data).is_dir():
         raise FileNotFoundError(f"dataset folder {config.data} not found; pass a folder that contains train.csv")
     if config.data is not None:
         config.data = str(Path(config.data).resolve())  # so evaluate works from any directory
+    # Fail on a missing device or unusable data before a run folder exists.
+    select_device(config.device)
+    load_checked_rows(config)
     run_dir = new_run_dir(Path(config.runs_dir), config.run_name, config.model)
     config.run_name = run_dir.name
     write_json(run_dir / "config.json", config.to_dict())
@@ -488,10 +524,7 @@ def train(config: TrainConfig, run_dir: Path | None = None) -> Path:
         best_metric, final = _train_in(config, run_dir, progress)
         progress.emit("run_finished", best_metric=best_metric, **{k: v for k, v in final.items() if k != "per_label"})
     except BaseException as error:
-        message = str(error) or type(error).__name__
-        if isinstance(error, KeyboardInterrupt):
-            message = "interrupted by the user"
-        progress.emit("run_failed", error_type=type(error).__name__, message=message)
+        progress.emit("run_failed", error_type=type(error).__name__, message=describe_error(error))
         raise
     finally:
         progress.close()
@@ -520,7 +553,10 @@ def _train_in(config: TrainConfig, run_dir: Path, progress: ProgressWriter) -> t
         batch_size=config.batch_size, num_workers=workers, collate_fn=collate_rows,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
     )
-    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, generator=generator, **loader_options)
+    # A last training batch of one row would break batch normalisation, so it is dropped.
+    drop_last = len(train_set) > 1 and len(train_set) % config.batch_size == 1
+    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, generator=generator,
+                              drop_last=drop_last, **loader_options)
     val_loader = DataLoader(val_set, shuffle=False, **loader_options)
 
     # Model, loss and optimizer

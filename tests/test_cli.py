@@ -207,3 +207,40 @@ def test_cli_runs_empty_folder(tmp_path, capsys):
     code, out = cli(capsys, "runs", "--runs-dir", str(tmp_path / "none"))
     assert code == 0
     assert "no runs in" in out
+
+
+def test_cli_corrupt_image_one_line_error(tmp_path, capsys, caplog):
+    data = tmp_path / "demo"
+    cli(capsys, "make-demo", str(data), "--train-rows", "20", "--test-rows", "2", "--image-size", "32")
+    (data / "data" / "5.jpg").write_text("not an image")
+    code, _ = cli(capsys, "train", "--data", str(data), "--image-size", "32", "--epochs", "1", "--workers", "1",
+                  "--normalization", "none", "--runs-dir", str(tmp_path / "runs"), "--run-name", "bad")
+    assert code == 1
+    assert "5.jpg: cannot decode image" in caplog.text
+    assert "Original Traceback" not in caplog.text
+    log = (tmp_path / "runs" / "bad" / "train.log").read_text()
+    assert "run bad failed" in log
+    code, out = cli(capsys, "runs", "--runs-dir", str(tmp_path / "runs"))
+    assert "failed" in out
+
+
+def test_cli_predict_top_must_be_positive(tmp_path, demo_dataset, capsys, caplog):
+    runs = tmp_path / "runs"
+    cli(capsys, "train", "--data", str(demo_dataset), "--model", "caption_only", "--epochs", "1", "--runs-dir",
+        str(runs), "--run-name", "c")
+    code, _ = cli(capsys, "predict", "c", "--runs-dir", str(runs), "--caption", "a star", "--top", "0")
+    assert code == 1
+    assert "invalid --top 0" in caplog.text
+    code, _ = cli(capsys, "submit", "c", "--runs-dir", str(runs), "--data", str(demo_dataset), "--out", str(tmp_path))
+    assert code == 1
+    assert "Is a directory" in caplog.text
+
+
+def test_cli_predict_run_without_model(tmp_path, capsys, caplog):
+    # A run folder whose config.json has only the settings: it stopped before training.
+    run_dir = tmp_path / "runs" / "early"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"model": "cnn2", "captions": True, "epochs": 3}))
+    code, _ = cli(capsys, "predict", str(run_dir), "--caption", "x")
+    assert code == 1
+    assert "stopped before training started" in caplog.text

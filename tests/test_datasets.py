@@ -406,6 +406,51 @@ def test_read_table_unclosed_quote_keeps_rows(tmp_path):
         assert frame["ImageID"].tolist() == ["1.jpg", "2.jpg", "3.jpg"]
 
 
+def test_read_table_unclosed_quote_ids_without_extension(tmp_path):
+    # ImageIDs without a file extension: the swallowed rows are recognised by their valid labels.
+    rows = ["ImageID,Labels,Caption"] + [f"{index},{index % 5 + 1},caption {index}" for index in range(20)]
+    rows[4] = '3,1,"open quote'
+    path = _write(tmp_path / "train.csv", "\n".join(rows) + "\n")
+    with pytest.raises(DatasetError, match=r"line 5 \(3\): the caption opens a quote that is not closed"):
+        read_table(path)
+
+
+def test_read_table_unclosed_quote_test_file(tmp_path):
+    path = _write(tmp_path / "test.csv", 'ImageID,Caption\n1,"a cat\n2,a dog\n')
+    with pytest.raises(DatasetError, match="line 2 .*runs into the next row \\('2'\\)"):
+        read_table(path, require_labels=False)
+
+
+def test_read_table_multiline_caption_with_comma_kept(tmp_path):
+    # A real multi-line caption whose second line has a comma is not mistaken for a swallowed row.
+    path = _write(tmp_path / "train.csv", 'ImageID,Labels,Caption\n1.jpg,1,"a cat\nsitting, on a mat"\n2.jpg,2,dog\n')
+    frame = read_table(path)
+    assert frame["Caption"].tolist() == ["a cat\nsitting, on a mat", "dog"]
+    assert frame["line"].tolist() == [2, 4]
+
+
+def test_read_table_negative_label(tmp_path):
+    path = _write(tmp_path / "train.csv", "ImageID,Labels,Caption\n1.jpg,1 -3,a cat\n")
+    with pytest.raises(DatasetError, match=r"line 2 \(1\.jpg\): label '-3' is negative"):
+        read_table(path)
+
+
+def test_read_table_missing_caption_column_warns(tmp_path, caplog):
+    path = _write(tmp_path / "train.csv", "ImageID,Labels,Captions\n1.jpg,1,a cat\n")
+    frame = read_table(path)
+    assert frame["Caption"].tolist() == [""]
+    assert "no Caption column (other columns: ['Captions'])" in caplog.text
+
+
+def test_check_images_exist_outside_folder_line(tmp_path):
+    root = tmp_path / "set"
+    _solid_image(root / "data" / "1.jpg", (1, 2, 3))
+    _write(root / "train.csv", "ImageID,Labels,Caption\n1.jpg,1,a\n../x.jpg,1,b\n")
+    folder = load_dataset(root)
+    with pytest.raises(DatasetError, match=r"line 3: ImageID '\.\./x\.jpg' points outside"):
+        folder.check_images_exist(folder.train)
+
+
 # ----------------------------------------------------------------------------- label names and targets
 
 

@@ -15,6 +15,7 @@ from core.runs import (
     CHECKPOINT_KEYS,
     ProgressWriter,
     check_run_name,
+    describe_error,
     list_runs,
     load_checkpoint,
     read_json,
@@ -395,3 +396,32 @@ def test_list_runs_skips_non_object_config(tmp_path):
 
 def test_list_runs_missing_folder(tmp_path):
     assert list_runs(tmp_path / "checkpoints") == []
+
+
+def test_describe_error_strips_worker_traceback():
+    # The shape of a ValueError re-raised by a DataLoader worker in the main process.
+    wrapped = ValueError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nValueError: /data/1.jpg: cannot decode image; replace or remove the file\n'
+    )
+    assert describe_error(wrapped) == "/data/1.jpg: cannot decode image; replace or remove the file"
+
+
+def test_describe_error_plain_and_interrupt():
+    assert describe_error(ValueError("bad value")) == "bad value"
+    assert describe_error(KeyboardInterrupt()) == "interrupted by the user"
+
+
+def test_summarize_run_keyboard_interrupt(tmp_path):
+    events = [{"event": "run_started", "pid": os.getpid()},
+              {"event": "run_failed", "error_type": "KeyboardInterrupt", "message": "interrupted by the user"}]
+    summary = summarize_run(_make_run(tmp_path, "stopped", events=events))
+    assert summary.status == "interrupted"
+    assert summary.error == "interrupted by the user"
+
+
+def test_read_json_invalid_names_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{broken")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        read_json(path)

@@ -99,17 +99,33 @@ def test_train_caption_only_real_captions(captions_csv, tmp_path):
     assert metrics["samples_f1_score"] >= 0.83
 
 
-def test_train_missing_images_fails_before_training(tmp_path):
+def test_train_missing_images_leaves_no_run(tmp_path):
     data = make_demo(tmp_path / "demo", train_rows=20, test_rows=0, image_size=32)
     (data / "data" / "3.jpg").unlink()
     with pytest.raises(datasets.DatasetError, match=r"'3\.jpg' not found"):
         train(_config(data, tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_train_corrupt_image_recorded_as_failed(tmp_path):
+    # Images are decoded during training, so a corrupt one fails the run with a one-line cause.
+    data = make_demo(tmp_path / "demo", train_rows=20, test_rows=0, image_size=32)
+    (data / "data" / "3.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match=r"3\.jpg: cannot decode image"):
+        train(_config(data, tmp_path / "runs", normalization="none"))
 
     run_dir = next((tmp_path / "runs").iterdir())
     events = read_progress(run_dir / "progress.jsonl")
     assert events[-1]["event"] == "run_failed"
-    assert events[-1]["error_type"] == "DatasetError"
-    assert not (run_dir / "best.pt").exists()
+    assert "3.jpg: cannot decode image" in events[-1]["message"]
+    assert "Traceback" not in events[-1]["message"]
+
+
+def test_train_without_captions_column(tmp_path):
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "train.csv").write_text("ImageID,Labels,Captions\n1.jpg,1,a dog\n2.jpg,2,a cat\n")
+    with pytest.raises(ValueError, match="has no captions"):
+        train(_config(tmp_path / "set", tmp_path / "runs", model="caption_only"))
 
 
 def test_train_image_model_on_caption_folder(tmp_path):
@@ -133,12 +149,31 @@ def test_train_image_model_on_caption_folder(tmp_path):
         ({"model": "caption_only", "captions": False}, "caption_only needs captions"),
         ({"run_name": "../escape"}, "invalid run name"),
         ({"conv_layers": 3}, "invalid conv_layers"),
+        ({"model": "alexnet", "image_size": 62}, "alexnet; it needs at least 63 pixels"),
+        ({"model": "inception_v3", "image_size": 224}, "inception_v3; it needs at least 299 pixels"),
+        ({"weights": "w.pth"}, "--weights applies to pretrained backbones"),
+        ({"model": "resnet18", "pretrained": False, "weights": "w.pth"}, "drop --no-pretrained or --weights"),
+        ({"model": "resnet50", "batch_size": 1}, "batch_size 1 cannot train resnet50"),
     ],
 )
 def test_train_config_invalid_values(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train(_config(tmp_path, tmp_path / "runs", **overrides))
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_weights_file_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file nowhere.pth not found"):
+        train(_config(tmp_path, tmp_path / "runs", model="resnet18", weights="nowhere.pth"))
+
+
+def test_train_last_batch_of_one_dropped(tmp_path):
+    # 17 training rows with batch size 16 would leave a batch of one, which batch norm rejects.
+    data = make_demo(tmp_path / "demo", train_rows=21, test_rows=0, image_size=32)
+    run_dir = train(_config(data, tmp_path / "runs", batch_norm=True, val_fraction=0.2))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train_rows"] % 16 == 1
+    assert read_progress(run_dir / "progress.jsonl")[-1]["event"] == "run_finished"
 
 
 def test_train_missing_data_folder(tmp_path):
