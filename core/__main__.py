@@ -19,6 +19,7 @@ from core.datasets import AUGMENTATIONS, DatasetError
 from core.models import PretrainedWeightsError, list_models
 from core.runs import DEFAULT_RUNS_DIR, describe_error, list_runs, resolve_run
 from core.trainer import (
+    ABLATION_VARIANTS,
     DEVICES,
     LOSSES,
     NORMALIZATIONS,
@@ -111,6 +112,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tune per-label thresholds on the validation part for predict and submit")
     output.add_argument("--runs-dir", default=defaults.runs_dir, help="folder that contains the run folders")
     output.add_argument("--run-name", help="run folder name (default: <model>-<date>-<time>)")
+    output.add_argument("--ablation-group", help="name shared by the runs of one ablation study (for the Compare page)")
+    output.add_argument("--ablation-variant", choices=ABLATION_VARIANTS,
+                        help="this run's role in its ablation study: the base run or the change against it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="List run folders, newest first, with status and best metrics.")
     runs_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
     runs_parser.add_argument("--json", action="store_true", help="print the list as JSON")
+
+    queue_parser = commands.add_parser(
+        "queue", formatter_class=formatter, parents=[common],
+        help="run queued training jobs one at a time (the dashboard starts this)",
+        description="Run the training jobs queued in RUNS_DIR/.jobs one at a time, then exit.")
+    queue_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
 
     demo_parser = commands.add_parser(
         "make-demo", formatter_class=formatter, parents=[common],
@@ -308,6 +318,14 @@ def command_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_queue(args: argparse.Namespace) -> int:
+    from core.jobs import work_queue
+
+    count = work_queue(args.runs_dir)
+    _out(f"ran {count} queued job(s)")
+    return 0
+
+
 def command_make_demo(args: argparse.Namespace) -> int:
     from core.demo import make_demo
 
@@ -322,6 +340,7 @@ COMMANDS = {
     "predict": command_predict,
     "submit": command_submit,
     "runs": command_runs,
+    "queue": command_queue,
     "make-demo": command_make_demo,
 }
 

@@ -26,6 +26,43 @@ from core.runs import atomic_write, load_checkpoint, read_json
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = ("best", "last")
+UPLOAD_FORMATS = {"JPEG", "PNG", "WEBP"}
+MAX_UPLOAD_PIXELS = 50_000_000  # about 7000 x 7000; larger uploads are rejected before decoding
+
+
+def decode_upload(data: bytes, name: str = "upload") -> Image.Image:
+    """Validate and decode an uploaded image (JPEG, PNG or WebP) into RGB.
+
+    The format is read from the file content, not the name. The pixel count is
+    checked from the header before the pixels are decoded.
+
+    Raises:
+        ValueError: empty, not an image, another format, too many pixels, or truncated.
+    """
+    if not data:
+        raise ValueError(f"{name} is empty; upload a JPEG, PNG or WebP image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in UPLOAD_FORMATS:
+                raise ValueError(f"{name} is a {image.format} image; upload a JPEG, PNG or WebP image")
+            width, height = image.size
+            if width * height > MAX_UPLOAD_PIXELS:
+                raise ValueError(
+                    f"{name} is {width} x {height} pixels, more than the {MAX_UPLOAD_PIXELS:,} allowed; "
+                    "upload a smaller image"
+                )
+            return datasets.to_rgb(image)
+    except ValueError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{name} cannot be decoded as an image ({error}); upload a JPEG, PNG or WebP image") from error
+
+
+def finished_runs(runs_dir: str | os.PathLike) -> list[Path]:
+    """Return run folders that have a best checkpoint, newest first."""
+    from core.runs import list_runs
+
+    return [summary.path for summary in list_runs(runs_dir) if (summary.path / "best.pt").is_file()]
 
 
 @dataclass

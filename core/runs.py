@@ -259,3 +259,55 @@ def list_runs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[RunSummary
         except (OSError, ValueError) as error:
             logger.warning("skipped run folder %s: %s", path, error)
     return sorted(summaries, key=lambda summary: (summary.path / "config.json").stat().st_mtime, reverse=True)
+
+
+@dataclass
+class RunProgress:
+    """How far a run has come, read from its progress events."""
+
+    epoch: int  # the epoch in progress, or the last one finished
+    epochs_planned: int
+    step: int  # steps done in `epoch`
+    steps: int  # steps per epoch, 0 until the first step event
+    fraction: float  # share of all planned steps done, in [0, 1]
+    history: list[dict[str, Any]]  # one entry per finished epoch: losses, scores, timing (no per-label lists)
+
+
+def run_progress(path: Path) -> RunProgress:
+    """Read a run's progress events and summarise where training stands."""
+    config = read_json(Path(path) / "config.json")
+    planned = int(config.get("epochs", 0)) if isinstance(config, dict) else 0
+    events = read_progress(Path(path) / "progress.jsonl")
+    history = [
+        {key: value for key, value in event.items() if key not in ("time", "event", "per_label")}
+        for event in events if event["event"] == "epoch_end"
+    ]
+    steps_events = [event for event in events if event["event"] == "step"]
+    epoch = history[-1]["epoch"] if history else 0
+    step, steps = 0, 0
+    if steps_events:
+        last = steps_events[-1]
+        steps = int(last.get("steps", 0))
+        if int(last.get("epoch", 0)) > epoch:
+            epoch, step = int(last["epoch"]), int(last.get("step", 0))
+    finished = any(event["event"] == "run_finished" for event in events)
+    if finished or planned == 0:
+        fraction = 1.0 if finished else 0.0
+    else:
+        done_epochs = len(history)
+        within = step / steps if steps and epoch > done_epochs else 0.0
+        fraction = min(1.0, (done_epochs + within) / planned)
+    return RunProgress(epoch=epoch, epochs_planned=planned, step=step, steps=steps, fraction=fraction, history=history)
+
+
+def tail_text(path: Path, lines: int = 30) -> str:
+    """Return the last `lines` lines of a text file, or "" when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 64 * 1024))
+        text = handle.read().decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])

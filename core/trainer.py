@@ -47,6 +47,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 NORMALIZATIONS = ("auto", "dataset", "imagenet", "none")
+ABLATION_VARIANTS = ("base", "no_dropout", "no_captions", "batch_norm")
 BATCH_NORM_MODELS = ("resnet18", "resnet50", "inception_v3", "efficientnet_lite0")
 AUX_LOSS_WEIGHT = 0.4  # weight of Inception's auxiliary loss, as in torchvision's training reference
 STEP_EVENT_INTERVAL = 1.0  # seconds between `step` progress events
@@ -104,6 +105,8 @@ class TrainConfig:
     # output
     runs_dir: str = DEFAULT_RUNS_DIR  # folder that contains the run folders
     run_name: str | None = None  # run folder name; None: <model>-<date>-<time>
+    ablation_group: str | None = None  # runs of one ablation study share this name
+    ablation_variant: str | None = None  # base, or the change against it: no_dropout, no_captions, batch_norm
 
     def validate(self) -> None:
         """Check every field before any work starts; raise ValueError naming the field and the fix."""
@@ -166,6 +169,10 @@ class TrainConfig:
             raise ValueError("caption_only needs captions; remove --no-captions or pick an image model")
         if self.run_name is not None:
             check_run_name(self.run_name)
+        if self.ablation_variant is not None:
+            _check_choice("ablation_variant", self.ablation_variant, ABLATION_VARIANTS)
+        if (self.ablation_group is None) != (self.ablation_variant is None):
+            raise ValueError("ablation_group and ablation_variant go together; pass both or neither")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,6 +182,28 @@ class TrainConfig:
         """Build a config from a dict, ignoring keys that are not config fields (such as resolved values)."""
         names = {item.name for item in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def ablation_configs(base: TrainConfig, group: str) -> list[TrainConfig]:
+    """Return the base run and one run per ablation, each changing one setting of `base`.
+
+    The ablations are the ones the COMP5329 2021 report studied on its best CNN:
+    without dropout, without captions, and with batch normalisation. An ablation
+    that would not change anything for this model (batch norm on a model without
+    the switch, no captions for caption_only, no dropout when it is already 0) is left out.
+    """
+    variants = {"base": {}}
+    if base.dropout > 0:
+        variants["no_dropout"] = {"dropout": 0.0}
+    if base.captions and base.model != "caption_only":
+        variants["no_captions"] = {"captions": False}
+    if not base.batch_norm and base.model in ("basic_cnn", "cnn2"):
+        variants["batch_norm"] = {"batch_norm": True}
+    configs = []
+    for variant, changes in variants.items():
+        values = {**base.to_dict(), **changes, "ablation_group": group, "ablation_variant": variant, "run_name": None}
+        configs.append(TrainConfig(**values))
+    return configs
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
@@ -206,6 +235,16 @@ def select_device(requested: str) -> torch.device:
     if requested == "mps" and not mps:
         raise ValueError("device mps requested but Apple MPS is not available; use --device auto or cpu")
     return torch.device(requested)
+
+
+def available_devices() -> list[str]:
+    """Return the device choices usable on this machine: auto, cpu, and cuda or mps when present."""
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
 
 
 def default_workers(uses_images: bool) -> int:

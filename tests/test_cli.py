@@ -14,7 +14,7 @@ import pytest
 from core.__main__ import main
 from tests.conftest import PROJECT_ROOT
 
-SUBCOMMANDS = ("train", "evaluate", "predict", "submit", "runs", "make-demo")
+SUBCOMMANDS = ("train", "evaluate", "predict", "submit", "runs", "queue", "make-demo")
 
 
 def run_cli(*args: str, cwd: Path = PROJECT_ROOT, check: bool = True) -> subprocess.CompletedProcess:

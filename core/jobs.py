@@ -1,0 +1,259 @@
+"""A queue of training jobs that run one at a time in background processes.
+
+The dashboard never trains in its own process. It writes a job file per requested
+run into `<runs_dir>/.jobs/` and makes sure one queue worker (`python -m core
+queue`) is running. The worker starts `python -m core train ...` for the oldest
+queued job, waits for it, and moves on until the queue is empty. Job files, the
+worker and the training processes outlive the browser session, so a refresh or a
+closed tab loses nothing.
+
+A job file `<id>.json` records the CLI arguments, the run name and a state:
+queued, running, finished, failed or cancelled. The training process writes its
+stdout and stderr to `<id>.log`; errors that happen before the run folder exists
+(invalid data, for example) are only there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from core.runs import DEFAULT_RUNS_DIR, check_run_name, read_json, write_json
+from core.trainer import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+JOBS_DIR_NAME = ".jobs"
+JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
+WORKER_LOCK = "worker.lock"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STORE_TRUE_FLAGS = ("freeze_backbone", "pos_weight")  # CLI flags without a --no- form
+
+
+@dataclass
+class Job:
+    """One requested training run."""
+
+    id: str
+    run_name: str
+    args: list[str]  # arguments after "python -m core train"
+    state: str = "queued"  # one of JOB_STATES
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+    pid: int | None = None  # of the training process while it runs
+    returncode: int | None = None
+    cancel_requested: bool = False
+
+
+def jobs_dir(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> Path:
+    return Path(runs_dir) / JOBS_DIR_NAME
+
+
+def _job_path(runs_dir: str | os.PathLike, job_id: str) -> Path:
+    return jobs_dir(runs_dir) / f"{job_id}.json"
+
+
+def log_path(runs_dir: str | os.PathLike, job_id: str) -> Path:
+    return jobs_dir(runs_dir) / f"{job_id}.log"
+
+
+def _save(runs_dir: str | os.PathLike, job: Job) -> None:
+    write_json(_job_path(runs_dir, job.id), asdict(job))
+
+
+def load_job(runs_dir: str | os.PathLike, job_id: str) -> Job:
+    values: dict[str, Any] = read_json(_job_path(runs_dir, job_id))
+    return Job(**values)
+
+
+def list_jobs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[Job]:
+    """Return every job, oldest first; unreadable job files are logged and skipped."""
+    folder = jobs_dir(runs_dir)
+    if not folder.is_dir():
+        return []
+    jobs = []
+    for path in folder.glob("*.json"):
+        try:
+            jobs.append(Job(**read_json(path)))
+        except (OSError, ValueError, TypeError) as error:
+            logger.warning("skipped job file %s: %s", path, error)
+    return sorted(jobs, key=lambda job: (job.created, job.id))
+
+
+def new_run_name(model: str, suffix: str = "") -> str:
+    """Return a run name such as cnn2-20240101-120000-123456 (microseconds keep queued names apart)."""
+    name = f"{model}-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    return check_run_name(f"{name}-{suffix}" if suffix else name)
+
+
+def train_arguments(config: TrainConfig) -> list[str]:
+    """Return the `python -m core train` options that reproduce `config`.
+
+    run_name and runs_dir are left out because `enqueue` adds them. The config is
+    validated first, so an invalid form value is reported before anything is queued.
+    """
+    config.validate()
+    defaults = TrainConfig()
+    arguments: list[str] = []
+    for item in fields(TrainConfig):
+        name = item.name
+        value = getattr(config, name)
+        if name in ("run_name", "runs_dir") or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in STORE_TRUE_FLAGS:
+            if value:
+                arguments.append(flag)
+        elif isinstance(value, bool):
+            arguments.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, list):
+            arguments += [flag, ",".join(value) or "none"]
+        elif value != getattr(defaults, name) or name in ("model", "data", "epochs"):
+            arguments += [flag, str(value)]
+    return arguments
+
+
+def enqueue(args: list[str], run_name: str, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR,
+            start_worker: bool = True) -> Job:
+    """Queue `python -m core train ARGS --run-name RUN_NAME --runs-dir RUNS_DIR` and start the worker.
+
+    Args:
+        args: training options, without --run-name and --runs-dir (added here).
+        run_name: the run folder name the job will create.
+        runs_dir: the folder that contains run folders and the queue.
+        start_worker: start a queue worker if none runs (tests pass False to drive it by hand).
+    """
+    check_run_name(run_name)
+    if any(job.run_name == run_name for job in list_jobs(runs_dir)) or (Path(runs_dir) / run_name).exists():
+        raise ValueError(f"run name {run_name!r} is already used; choose another")
+    job = Job(id=run_name, run_name=run_name, args=[*args, "--run-name", run_name, "--runs-dir", str(runs_dir)])
+    jobs_dir(runs_dir).mkdir(parents=True, exist_ok=True)
+    _save(runs_dir, job)
+    logger.info("queued job %s", job.id)
+    if start_worker:
+        ensure_worker(runs_dir)
+    return job
+
+
+def cancel(job_id: str, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> Job:
+    """Cancel a queued job, or interrupt a running one (SIGINT to its process group).
+
+    An interrupted run records `run_failed` with KeyboardInterrupt and keeps its last
+    completed epoch; the worker then marks the job cancelled.
+    """
+    job = load_job(runs_dir, job_id)
+    if job.state == "queued":
+        job.state, job.ended = "cancelled", time.time()
+        _save(runs_dir, job)
+    elif job.state == "running" and job.pid:
+        job.cancel_requested = True
+        _save(runs_dir, job)
+        try:
+            os.killpg(job.pid, signal.SIGINT)
+        except ProcessLookupError:
+            logger.info("job %s had already ended", job_id)
+    return job
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def worker_running(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> bool:
+    """Return True when a queue worker holds the worker lock."""
+    lock_path = jobs_dir(runs_dir) / WORKER_LOCK
+    if not lock_path.exists():
+        return False
+    with lock_path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def ensure_worker(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> None:
+    """Start a detached queue worker unless one is running; it exits when the queue is empty."""
+    if worker_running(runs_dir):
+        return
+    folder = jobs_dir(runs_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "worker.log").open("a") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "core", "queue", "--runs-dir", str(runs_dir)],
+            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        )
+    logger.info("started a queue worker for %s", runs_dir)
+
+
+def _next_queued(runs_dir: str | os.PathLike) -> Job | None:
+    return next((job for job in list_jobs(runs_dir) if job.state == "queued"), None)
+
+
+def _mark_orphans(runs_dir: str | os.PathLike) -> None:
+    # A job left "running" by a worker that died has no process any more.
+    for job in list_jobs(runs_dir):
+        if job.state == "running":
+            job.state, job.ended = "failed", time.time()
+            _save(runs_dir, job)
+            logger.warning("job %s was running when its worker stopped; marked failed", job.id)
+
+
+def run_job(job: Job, runs_dir: str | os.PathLike) -> Job:
+    """Run one job's training process to the end and record the outcome."""
+    with log_path(runs_dir, job.id).open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "core", "train", *job.args],
+            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        )
+        job.state, job.started, job.pid = "running", time.time(), process.pid
+        _save(runs_dir, job)
+        logger.info("job %s started (pid %d)", job.id, process.pid)
+        returncode = process.wait()
+
+    job = load_job(runs_dir, job.id)  # picks up a cancel request made meanwhile
+    job.returncode, job.ended = returncode, time.time()
+    if job.cancel_requested:
+        job.state = "cancelled"
+    else:
+        job.state = "finished" if returncode == 0 else "failed"
+    _save(runs_dir, job)
+    logger.info("job %s %s (exit code %d)", job.id, job.state, returncode)
+    return job
+
+
+def work_queue(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> int:
+    """Run queued jobs one at a time until none is left; return how many ran.
+
+    Only one worker per runs folder runs at a time: a second one returns 0 at once.
+    """
+    folder = jobs_dir(runs_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    while True:
+        with (folder / WORKER_LOCK).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("another queue worker is running for %s", runs_dir)
+                return count
+            _mark_orphans(runs_dir)
+            while (job := _next_queued(runs_dir)) is not None:
+                run_job(job, runs_dir)
+                count += 1
+        # A job queued after the last check but before the lock was released found the
+        # lock held and started no worker, so look once more with the lock released.
+        if _next_queued(runs_dir) is None:
+            return count

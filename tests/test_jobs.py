@@ -1,0 +1,178 @@
+"""Training queue tests: CLI arguments from a config, ablation sets, and real queued runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from core import jobs
+from core.__main__ import build_parser
+from core.runs import read_progress, summarize_run
+from core.trainer import TrainConfig, ablation_configs
+
+
+def _caption_dataset(root: Path, rows: int = 40) -> Path:
+    root.mkdir(parents=True)
+    lines = ["ImageID,Labels,Caption"] + [
+        f"{index}.jpg,{1 + index % 2},a {'dog' if index % 2 == 0 else 'cat'} on a sofa" for index in range(rows)
+    ]
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _config_from_arguments(arguments: list[str]) -> TrainConfig:
+    namespace = build_parser().parse_args(["train", *arguments])
+    names = {item.name for item in fields(TrainConfig)}
+    return TrainConfig(**{key: value for key, value in vars(namespace).items() if key in names})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"model": "resnet18", "pretrained": False, "freeze_backbone": True, "image_size": 64},
+        {"captions": False, "dropout": 0.0, "batch_norm": True, "conv_layers": 5, "fc_layers": 3},
+        {"augment": [], "pos_weight": True, "sampler": "weighted", "optimizer": "sgd", "lr": 0.01},
+        {"model": "caption_only", "amp": False, "tune_thresholds": False, "limit": 100, "seed": 7},
+        {"ablation_group": "g", "ablation_variant": "no_dropout", "normalization": "imagenet", "device": "cpu"},
+    ],
+)
+def test_train_arguments_round_trip(overrides):
+    config = TrainConfig(data="/data/set", epochs=3, **overrides)
+    assert _config_from_arguments(jobs.train_arguments(config)) == config
+
+
+def test_train_arguments_validates_first():
+    with pytest.raises(ValueError, match="invalid lr"):
+        jobs.train_arguments(TrainConfig(lr=-1.0))
+
+
+def test_ablation_configs_cnn2_variants():
+    base = TrainConfig(model="cnn2", dropout=0.5, captions=True)
+    configs = ablation_configs(base, "study")
+    variants = {config.ablation_variant: config for config in configs}
+    assert list(variants) == ["base", "no_dropout", "no_captions", "batch_norm"]
+    assert variants["base"].dropout == 0.5
+    assert variants["no_dropout"].dropout == 0.0
+    assert variants["no_captions"].captions is False
+    assert variants["batch_norm"].batch_norm is True
+    assert {config.ablation_group for config in configs} == {"study"}
+
+
+def test_ablation_configs_skip_inapplicable():
+    variants = [config.ablation_variant for config in ablation_configs(TrainConfig(model="caption_only"), "g")]
+    assert variants == ["base", "no_dropout"]
+    variants = [config.ablation_variant for config in ablation_configs(TrainConfig(model="resnet18", dropout=0.0), "g")]
+    assert variants == ["base", "no_captions"]
+
+
+def test_enqueue_and_work_queue_runs_jobs(tmp_path):
+    data = _caption_dataset(tmp_path / "captions")
+    runs = tmp_path / "runs"
+    arguments = jobs.train_arguments(TrainConfig(data=str(data), model="caption_only", epochs=1))
+    first = jobs.enqueue(arguments, "first", runs, start_worker=False)
+    second = jobs.enqueue(arguments, "second", runs, start_worker=False)
+    assert [job.state for job in jobs.list_jobs(runs)] == ["queued", "queued"]
+
+    assert jobs.work_queue(runs) == 2
+    finished = {job.id: job for job in jobs.list_jobs(runs)}
+    assert finished[first.id].state == "finished"
+    assert finished[second.id].state == "finished"
+    assert finished[first.id].returncode == 0
+    assert finished[first.id].ended >= finished[first.id].started
+    # One at a time: the second job started after the first ended.
+    assert finished[second.id].started >= finished[first.id].ended
+    assert summarize_run(runs / "first").status == "finished"
+    assert "run folder" in jobs.log_path(runs, first.id).read_text()
+
+
+def test_enqueue_rejects_used_name(tmp_path):
+    runs = tmp_path / "runs"
+    jobs.enqueue(["--epochs", "1"], "taken", runs, start_worker=False)
+    with pytest.raises(ValueError, match="already used"):
+        jobs.enqueue(["--epochs", "1"], "taken", runs, start_worker=False)
+    with pytest.raises(ValueError, match="invalid run name"):
+        jobs.enqueue(["--epochs", "1"], "../escape", runs, start_worker=False)
+
+
+def test_cancel_queued_job_never_runs(tmp_path):
+    data = _caption_dataset(tmp_path / "captions")
+    runs = tmp_path / "runs"
+    job = jobs.enqueue(jobs.train_arguments(TrainConfig(data=str(data), model="caption_only", epochs=1)), "skip",
+                       runs, start_worker=False)
+    assert jobs.cancel(job.id, runs).state == "cancelled"
+    assert jobs.work_queue(runs) == 0
+    assert not (runs / "skip").exists()
+
+
+def test_failed_job_keeps_error_in_log(tmp_path):
+    runs = tmp_path / "runs"
+    job = jobs.enqueue(["--data", str(tmp_path / "missing"), "--model", "caption_only"], "broken", runs,
+                       start_worker=False)
+    jobs.work_queue(runs)
+    job = jobs.load_job(runs, job.id)
+    assert job.state == "failed"
+    assert job.returncode == 1
+    assert "dataset folder" in jobs.log_path(runs, job.id).read_text()
+
+
+def test_cancel_running_job_interrupts_run(tmp_path):
+    data = _caption_dataset(tmp_path / "captions", rows=400)
+    runs = tmp_path / "runs"
+    job = jobs.enqueue(jobs.train_arguments(TrainConfig(data=str(data), model="caption_only", epochs=200,
+                                                        batch_size=2)), "long", runs, start_worker=False)
+    worker = threading.Thread(target=jobs.work_queue, args=(runs,))
+    worker.start()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            events = read_progress(runs / "long" / "progress.jsonl")
+            if any(event["event"] == "epoch_end" for event in events):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the queued run did not finish an epoch within 120 s")
+        jobs.cancel(job.id, runs)
+    finally:
+        worker.join(timeout=120)
+    assert jobs.load_job(runs, job.id).state == "cancelled"
+    summary = summarize_run(runs / "long")
+    assert summary.status == "interrupted"
+    assert (runs / "long" / "last.pt").is_file()
+
+
+def test_second_worker_exits_while_first_holds_lock(tmp_path):
+    runs = tmp_path / "runs"
+    data = _caption_dataset(tmp_path / "captions", rows=400)
+    jobs.enqueue(jobs.train_arguments(TrainConfig(data=str(data), model="caption_only", epochs=200, batch_size=2)),
+                 "busy", runs, start_worker=False)
+    worker = threading.Thread(target=jobs.work_queue, args=(runs,))
+    worker.start()
+    try:
+        deadline = time.time() + 60
+        while not jobs.worker_running(runs) and time.time() < deadline:
+            time.sleep(0.1)
+        assert jobs.worker_running(runs)
+        assert jobs.work_queue(runs) == 0
+    finally:
+        while jobs.load_job(runs, "busy").state == "queued":
+            time.sleep(0.1)
+        jobs.cancel("busy", runs)
+        worker.join(timeout=120)
+    assert not jobs.worker_running(runs)
+
+
+def test_ensure_worker_runs_queue_detached(tmp_path):
+    data = _caption_dataset(tmp_path / "captions")
+    runs = tmp_path / "runs"
+    job = jobs.enqueue(jobs.train_arguments(TrainConfig(data=str(data), model="caption_only", epochs=1)), "detached",
+                       runs)
+    deadline = time.time() + 180
+    while jobs.load_job(runs, job.id).state in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.5)
+    assert jobs.load_job(runs, job.id).state == "finished"
+    assert (runs / "detached" / "best.pt").is_file()
