@@ -53,7 +53,7 @@ def dataset_version(root: str | os.PathLike) -> tuple[str, int, int]:
 
 @dataclass
 class DatasetSummary:
-    """What a dataset folder contains, for the home page."""
+    """The contents of a dataset folder, as the home page shows them."""
 
     root: Path
     rows: int
