@@ -247,3 +247,20 @@ def test_predict_page_bad_upload(trained_run, name, content, message):
     app.run()
     assert not app.exception
     assert "**Predicted labels:**" in _texts(app)
+
+
+@pytest.mark.parametrize("page", ["pages/train.py", "pages/predict.py", "pages/dataset.py", "pages/compare.py"])
+def test_pages_render_on_real_datasets(trained_run, captions_csv, coco_mini, page):
+    # Every page with each real dataset chosen on the home page, and a finished demo run in the runs folder.
+    for folder in (captions_csv.parent, coco_mini):
+        app = _app()
+        app.text_input[0].set_value(str(folder))
+        app.button(key="FormSubmitter:dataset-Use this folder").click()
+        app.run()
+        app.switch_page(page)
+        app.run()
+        assert not app.exception, f"{page} with {folder.name}: {app.exception}"
+        if page == "pages/predict.py":
+            app.radio(key="predict_source").set_value("Pick a dataset sample")
+            app.run()
+            assert not app.exception, f"{page} sample with {folder.name}: {app.exception}"
