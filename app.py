@@ -16,6 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from core import workspace
+from core.demo import is_demo_dataset
 from core.runs import list_runs
 
 RUNS_DIR = os.environ.get("CORE_RUNS_DIR", "checkpoints")
@@ -59,10 +60,22 @@ def dataset_chooser_ui() -> None:
         choose_dataset(str(workspace.default_dataset(DEMO_DIR)), remember=None)
     elif use and entered.strip() and entered.strip() != current:
         folder = Path(entered.strip()).expanduser()
-        if not (folder / "train.csv").is_file():
+        if folder.is_file():
+            st.error(f"{folder} is a file. Enter the folder that contains train.csv.")
+        elif not (folder / "train.csv").is_file():
             st.error(f"{folder} has no train.csv. Choose a folder that contains train.csv.")
         else:
+            try:
+                dataset_summary(workspace.dataset_version(folder))
+            except (ValueError, FileNotFoundError) as error:
+                st.error(f"{folder} cannot be used:  \n" + show_lines(str(error)))
+                return
             choose_dataset(str(folder.resolve()), remember=str(folder.resolve()))
+
+
+def show_lines(text: str) -> str:
+    # Markdown joins single line breaks; messages that list rows need each on its own line.
+    return text.replace("\n", "  \n")
 
 
 def choose_dataset(path: str, remember: str | None) -> None:
@@ -82,7 +95,7 @@ def home() -> None:
     try:
         summary = dataset_summary(workspace.dataset_version(st.session_state["dataset_path"]))
     except (ValueError, FileNotFoundError) as error:
-        st.error(str(error))
+        st.error(show_lines(str(error)))
         st.stop()
 
     if summary.is_demo:
@@ -100,7 +113,10 @@ def home() -> None:
         st.warning(f"{summary.rows - summary.images_found:,} training rows have no image file in data/.")
 
     st.subheader("Runs")
-    runs = list_runs(st.session_state["runs_dir"])
+    problems: list[str] = []
+    runs = list_runs(st.session_state["runs_dir"], problems=problems)
+    if problems:
+        st.warning("These run folders cannot be read and are left out:  \n" + "  \n".join(problems))
     if not runs:
         st.write("No runs yet. Start one on the Train page.")
     else:
@@ -116,7 +132,9 @@ def main() -> None:
     requested = st.session_state.pop("requested_page", None)
     if requested:
         st.switch_page(requested)  # back to the deep-linked page that sent the session here first
-    st.sidebar.caption(f"Dataset: {Path(st.session_state['dataset_path']).name}")
+    dataset = Path(st.session_state["dataset_path"])
+    demo_note = " (generated demo data)" if is_demo_dataset(dataset) else ""
+    st.sidebar.caption(f"Dataset: {dataset.name}{demo_note}")
     navigation.run()
 
 

@@ -255,8 +255,9 @@ def sample_rows(
 
     Returns:
         A DataFrame with columns ImageID, Caption, line, labels (the row's label
-        names joined by ", ") and image (the image path, or None for a
-        caption-only dataset), in random order. It has fewer than `count` rows
+        names joined by ", "), image (the image path, or None for a caption-only
+        dataset or an ImageID outside the image folder) and image_error (why
+        image is None for such an ImageID, else None), in random order. It has fewer than `count` rows
         when fewer rows match.
 
     Raises:
@@ -286,12 +287,19 @@ def sample_rows(
     samples["labels"] = [
         ", ".join(names[index] for index in np.flatnonzero(statistics.targets[row])) for row in chosen
     ]
-    if statistics.image_dir is None:
-        samples["image"] = None
-    else:
-        samples["image"] = [
-            datasets.resolve_image_path(statistics.image_dir, image_id) for image_id in samples["ImageID"]
-        ]
+    paths, errors = [], []
+    for image_id in samples["ImageID"]:
+        path, error = None, None
+        if statistics.image_dir is not None:
+            try:
+                path = datasets.resolve_image_path(statistics.image_dir, image_id)
+            except datasets.DatasetError as invalid:
+                error = str(invalid)
+        paths.append(path)
+        errors.append(error)
+    samples["image"] = pd.Series(paths, dtype=object)
+    # object dtype keeps None: pandas would store missing strings as NaN, which is truthy.
+    samples["image_error"] = pd.Series(errors, dtype=object)
     return samples
 
 

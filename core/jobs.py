@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from core.runs import DEFAULT_RUNS_DIR, check_run_name, read_json, write_json
+from core.runs import DEFAULT_RUNS_DIR, check_run_name, process_alive, read_json, read_progress, write_json
 from core.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 JOBS_DIR_NAME = ".jobs"
 JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
 WORKER_LOCK = "worker.lock"
+WORKER_STARTING = "worker-starting.json"  # pid and start time of a worker that has not taken the lock yet
+WORKER_START_SECONDS = 300.0  # a starting marker older than this is ignored
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STORE_TRUE_FLAGS = ("freeze_backbone", "pos_weight")  # CLI flags without a --no- form
 
@@ -71,9 +73,24 @@ def _save(runs_dir: str | os.PathLike, job: Job) -> None:
     write_json(_job_path(runs_dir, job.id), asdict(job))
 
 
+def _job_from_dict(values: Any, path: Path) -> Job:
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    try:
+        job = Job(**values)
+    except TypeError as error:
+        raise ValueError(f"{path}: {error}") from error
+    numbers_ok = all(isinstance(value, (int, float)) or value is None for value in (job.started, job.ended))
+    if (not isinstance(job.id, str) or not isinstance(job.run_name, str) or job.state not in JOB_STATES
+            or not isinstance(job.args, list) or not all(isinstance(arg, str) for arg in job.args)
+            or not isinstance(job.created, (int, float)) or not numbers_ok):
+        raise ValueError(f"{path}: a field has the wrong type or an unknown state")
+    return job
+
+
 def load_job(runs_dir: str | os.PathLike, job_id: str) -> Job:
-    values: dict[str, Any] = read_json(_job_path(runs_dir, job_id))
-    return Job(**values)
+    path = _job_path(runs_dir, job_id)
+    return _job_from_dict(read_json(path), path)
 
 
 def list_jobs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[Job]:
@@ -84,8 +101,8 @@ def list_jobs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[Job]:
     jobs = []
     for path in folder.glob("*.json"):
         try:
-            jobs.append(Job(**read_json(path)))
-        except (OSError, ValueError, TypeError) as error:
+            jobs.append(_job_from_dict(read_json(path), path))
+        except (OSError, ValueError) as error:
             logger.warning("skipped job file %s: %s", path, error)
     return sorted(jobs, key=lambda job: (job.created, job.id))
 
@@ -182,32 +199,71 @@ def worker_running(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> bool:
         return False
 
 
+def _worker_starting(runs_dir: str | os.PathLike) -> bool:
+    # A worker needs many seconds to import torch before it takes the lock; the marker
+    # written when it was started keeps callers from starting more in the meantime.
+    try:
+        marker = read_json(jobs_dir(runs_dir) / WORKER_STARTING)
+        return time.time() - float(marker["time"]) < WORKER_START_SECONDS and process_alive(int(marker["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def ensure_worker(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> None:
-    """Start a detached queue worker unless one is running; it exits when the queue is empty."""
-    if worker_running(runs_dir):
+    """Start a detached queue worker unless one is running or starting; it exits when the queue is empty."""
+    if worker_running(runs_dir) or _worker_starting(runs_dir):
         return
     folder = jobs_dir(runs_dir)
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "worker.log").open("a") as log:
-        subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "core", "queue", "--runs-dir", str(runs_dir)],
             cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
         )
-    logger.info("started a queue worker for %s", runs_dir)
+    write_json(folder / WORKER_STARTING, {"pid": process.pid, "time": time.time()})
+    logger.info("started a queue worker for %s (pid %d)", runs_dir, process.pid)
 
 
 def _next_queued(runs_dir: str | os.PathLike) -> Job | None:
     return next((job for job in list_jobs(runs_dir) if job.state == "queued"), None)
 
 
-def _mark_orphans(runs_dir: str | os.PathLike) -> None:
-    # A job left "running" by a worker that died has no process any more.
+def _outcome_from_run(runs_dir: str | os.PathLike, job: Job) -> str:
+    """Return the final job state that the run folder records for a job whose process ended."""
+    events = read_progress(Path(runs_dir) / job.run_name / "progress.jsonl")
+    final = next((event for event in reversed(events) if event["event"] in ("run_finished", "run_failed")), None)
+    if final is not None and final["event"] == "run_finished":
+        return "finished"
+    if job.cancel_requested or (final is not None and final.get("error_type") == "KeyboardInterrupt"):
+        return "cancelled"
+    return "failed"
+
+
+def refresh_job_states(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[Job]:
+    """Settle jobs marked running whose training process has ended without a worker recording it.
+
+    That happens when the queue worker was killed: the training process, in its own
+    session, goes on and ends on its own. Returns the jobs whose process still runs.
+    """
+    still_running = []
     for job in list_jobs(runs_dir):
-        if job.state == "running":
-            job.state, job.ended = "failed", time.time()
-            _save(runs_dir, job)
-            logger.warning("job %s was running when its worker stopped; marked failed", job.id)
+        if job.state != "running":
+            continue
+        if job.pid and process_alive(job.pid):
+            still_running.append(job)
+            continue
+        job.state, job.ended = _outcome_from_run(runs_dir, job), job.ended or time.time()
+        _save(runs_dir, job)
+        logger.warning("job %s ended without its worker; its run folder says %s", job.id, job.state)
+    return still_running
+
+
+def _wait_for_orphans(runs_dir: str | os.PathLike) -> None:
+    # A run left by a killed worker still trains; waiting for it keeps runs one at a time.
+    while orphans := refresh_job_states(runs_dir):
+        logger.info("waiting for job %s, started by an earlier worker", orphans[0].id)
+        time.sleep(2.0)
 
 
 def run_job(job: Job, runs_dir: str | os.PathLike) -> Job:
@@ -248,8 +304,11 @@ def work_queue(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> int:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 logger.info("another queue worker is running for %s", runs_dir)
+                if _worker_starting(runs_dir) and read_json(folder / WORKER_STARTING).get("pid") == os.getpid():
+                    (folder / WORKER_STARTING).unlink(missing_ok=True)
                 return count
-            _mark_orphans(runs_dir)
+            (folder / WORKER_STARTING).unlink(missing_ok=True)
+            _wait_for_orphans(runs_dir)
             while (job := _next_queued(runs_dir)) is not None:
                 run_job(job, runs_dir)
                 count += 1

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from core import datasets
@@ -26,8 +26,12 @@ from core.runs import atomic_write, load_checkpoint, read_json
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = ("best", "last")
+# config.json keys that rebuilding a run's model and preprocessing reads.
+PREDICTOR_CONFIG_KEYS = ("labels", "label_names", "model", "captions", "dropout", "batch_norm", "conv_layers",
+                         "fc_layers", "hidden_size", "image_size", "uses_images", "mean", "std", "threshold")
 UPLOAD_FORMATS = {"JPEG", "PNG", "WEBP"}
 MAX_UPLOAD_PIXELS = 50_000_000  # about 7000 x 7000; larger uploads are rejected before decoding
+MAX_UPLOAD_SIDE = 20_000  # longer sides are not photos, and the browser preview fails to encode them
 
 
 def decode_upload(data: bytes, name: str = "upload") -> Image.Image:
@@ -46,6 +50,11 @@ def decode_upload(data: bytes, name: str = "upload") -> Image.Image:
             if image.format not in UPLOAD_FORMATS:
                 raise ValueError(f"{name} is a {image.format} image; upload a JPEG, PNG or WebP image")
             width, height = image.size
+            if max(width, height) > MAX_UPLOAD_SIDE:
+                raise ValueError(
+                    f"{name} is {width} x {height} pixels, more than {MAX_UPLOAD_SIDE:,} on a side; "
+                    "upload a smaller image"
+                )
             if width * height > MAX_UPLOAD_PIXELS:
                 raise ValueError(
                     f"{name} is {width} x {height} pixels, more than the {MAX_UPLOAD_PIXELS:,} allowed; "
@@ -54,15 +63,19 @@ def decode_upload(data: bytes, name: str = "upload") -> Image.Image:
             return datasets.to_rgb(image)
     except ValueError:
         raise
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{name} is not in a known image format; upload a JPEG, PNG or WebP image") from error
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"{name} cannot be decoded as an image ({error}); upload a JPEG, PNG or WebP image") from error
 
 
-def finished_runs(runs_dir: str | os.PathLike) -> list[Path]:
-    """Return run folders that have a best checkpoint, newest first."""
+def finished_runs(runs_dir: str | os.PathLike) -> list:
+    """Return summaries of the runs that have a best checkpoint: finished runs first, each group newest first."""
     from core.runs import list_runs
 
-    return [summary.path for summary in list_runs(runs_dir) if (summary.path / "best.pt").is_file()]
+    runs = [summary for summary in list_runs(runs_dir) if (summary.path / "best.pt").is_file()]
+    # Finished runs first, each group newest first (list_runs sorts by time).
+    return sorted(runs, key=lambda summary: summary.status != "finished")
 
 
 @dataclass
@@ -84,10 +97,16 @@ class Predictor:
             raise ValueError(f"invalid checkpoint {checkpoint!r}; choose one of: {', '.join(CHECKPOINTS)}")
         self.run_dir = Path(run_dir)
         self.config: dict[str, Any] = read_json(self.run_dir / "config.json")
-        if "labels" not in self.config:
+        missing = [key for key in PREDICTOR_CONFIG_KEYS if key not in self.config]
+        if missing and not (self.run_dir / f"{checkpoint}.pt").is_file():
             raise ValueError(
                 f"run {self.run_dir.name} stopped before training started, so it has no model; "
                 "see its progress.jsonl or train.log for the reason"
+            )
+        if missing:
+            raise ValueError(
+                f"{self.run_dir / 'config.json'} lacks {', '.join(missing)}; the file was edited or damaged, "
+                "so the model cannot be rebuilt. Restore the file or retrain."
             )
         self.labels: list[int] = [int(label) for label in self.config["labels"]]
         self.label_names = {int(label): name for label, name in self.config["label_names"].items()}

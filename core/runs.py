@@ -87,8 +87,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or zip errors here
-        # The first line of torch's message names the failure. The rest recommends unsafe loading, so it is dropped.
-        cause = (str(error).strip().splitlines() or [""])[0]
+        # torch's message recommends unsafe loading; keep only the part that names the rejected content.
+        rejected = re.search(r"WeightsUnpickler error: ([^\n]*)", str(error))
+        cause = rejected.group(1).strip() if rejected else "not a weights-only checkpoint file"
         raise ValueError(
             f"{path}: cannot be loaded as a weights-only checkpoint ({type(error).__name__}: {cause}). "
             "It may be damaged or contain pickled objects; retrain or use a checkpoint written by this program."
@@ -179,7 +180,7 @@ def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = DEFAULT_RU
     )
 
 
-def _process_alive(pid: Any) -> bool:
+def process_alive(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False  # 0 and negative ids would address process groups, not one process
     try:
@@ -223,7 +224,7 @@ def summarize_run(path: Path) -> RunSummary:
         status, error = "interrupted", final.get("message")
     elif final is not None:
         status, error = "failed", f"{final.get('error_type')}: {final.get('message')}"
-    elif started is not None and _process_alive(started.get("pid")):
+    elif started is not None and process_alive(started.get("pid")):
         status = "running"
     else:
         status = "interrupted"
@@ -245,8 +246,12 @@ def summarize_run(path: Path) -> RunSummary:
     )
 
 
-def list_runs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[RunSummary]:
-    """Summarise every run folder under `runs_dir`, newest first; unreadable folders are logged and skipped."""
+def list_runs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, problems: list[str] | None = None) -> list[RunSummary]:
+    """Summarise every run folder under `runs_dir`, newest first.
+
+    Unreadable folders are logged and skipped; pass a list as `problems` to collect
+    a message for each of them as well.
+    """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
@@ -256,8 +261,10 @@ def list_runs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[RunSummary
             continue
         try:
             summaries.append(summarize_run(path))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, TypeError) as error:
             logger.warning("skipped run folder %s: %s", path, error)
+            if problems is not None:
+                problems.append(f"{path.name}: {error}")
     return sorted(summaries, key=lambda summary: (summary.path / "config.json").stat().st_mtime, reverse=True)
 
 
@@ -280,16 +287,16 @@ def run_progress(path: Path) -> RunProgress:
     events = read_progress(Path(path) / "progress.jsonl")
     history = [
         {key: value for key, value in event.items() if key not in ("time", "event", "per_label")}
-        for event in events if event["event"] == "epoch_end"
+        for event in events if event["event"] == "epoch_end" and isinstance(event.get("epoch"), int)
     ]
     steps_events = [event for event in events if event["event"] == "step"]
     epoch = history[-1]["epoch"] if history else 0
     step, steps = 0, 0
     if steps_events:
         last = steps_events[-1]
-        steps = int(last.get("steps", 0))
-        if int(last.get("epoch", 0)) > epoch:
-            epoch, step = int(last["epoch"]), int(last.get("step", 0))
+        steps = int(last.get("steps", 0) or 0)
+        if isinstance(last.get("epoch"), int) and last["epoch"] > epoch:
+            epoch, step = last["epoch"], int(last.get("step", 0) or 0)
     finished = any(event["event"] == "run_finished" for event in events)
     if finished or planned == 0:
         fraction = 1.0 if finished else 0.0

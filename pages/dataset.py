@@ -118,6 +118,8 @@ def samples_ui(statistics: eda.DatasetStatistics) -> None:
 
 def sample_ui(sample) -> None:
     try:
+        if sample["image_error"]:
+            raise ValueError(sample["image_error"])
         st.image(eda.thumbnail_jpeg(sample["image"]), width="stretch", alt=sample["Caption"])
     except (ValueError, FileNotFoundError) as error:
         st.warning(f"train.csv line {sample['line']}: {error}")

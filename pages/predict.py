@@ -22,14 +22,23 @@ def load_predictor(run_dir: str, checkpoint_mtime_ns: int) -> Predictor:
 
 
 @st.cache_data(show_spinner=False)
-def sample_rows(version: tuple[str, int, int]) -> list[dict]:
+def sample_rows(version: tuple[str, int, int]) -> tuple[list[int], list[dict]]:
     folder = datasets.load_dataset(Path(version[0]).parent)
     rows = folder.train.head(SAMPLE_COUNT)
-    return [
+    return folder.labels, [
         {"ImageID": image_id, "Caption": caption, "labels": [folder.label_names[label] for label in labels],
-         "path": str(datasets.resolve_image_path(folder.image_dir, image_id)) if folder.image_dir else None}
+         "path": _image_path(folder, image_id)}
         for image_id, caption, labels in zip(rows["ImageID"], rows["Caption"], rows["Labels"])
     ]
+
+
+def _image_path(folder: datasets.DatasetFolder, image_id: str) -> str | None:
+    if folder.image_dir is None:
+        return None
+    try:
+        return str(datasets.resolve_image_path(folder.image_dir, image_id))
+    except datasets.DatasetError:
+        return None
 
 
 def probabilities_figure(scores) -> go.Figure:
@@ -43,16 +52,18 @@ def probabilities_figure(scores) -> go.Figure:
         x=names, y=[score.threshold for score in scores], mode="markers", name="threshold",
         marker=dict(symbol="line-ew", size=28, color="#d1242f", line=dict(width=3, color="#d1242f")),
     ))
-    figure.update_layout(yaxis=dict(range=[0, 1], title="probability"), height=380,
+    figure.update_layout(yaxis=dict(range=[0, 1], title="probability"), xaxis=dict(tickangle=-45, automargin=True),
+                         height=420,
                          margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h"))
     return figure
 
 
 def input_ui(predictor: Predictor):
     """Draw the image and caption inputs; return (image or None, caption, error message or None)."""
-    source = st.radio("Input", ("Upload an image", "Pick a dataset sample"), horizontal=True, key="predict_source")
+    options = ("Upload an image" if predictor.uses_images else "Type a caption", "Pick a dataset sample")
+    source = st.radio("Input", options, horizontal=True, key="predict_source")
     image, caption, error = None, "", None
-    if source == "Upload an image":
+    if source == options[0]:
         upload = None
         if predictor.uses_images:
             upload = st.file_uploader("Image (JPEG, PNG or WebP)", type=["jpg", "jpeg", "png", "webp"],
@@ -67,9 +78,12 @@ def input_ui(predictor: Predictor):
         return image, caption, error
 
     try:
-        samples = sample_rows(dataset_version(st.session_state["dataset_path"]))
+        dataset_labels, samples = sample_rows(dataset_version(st.session_state["dataset_path"]))
     except (ValueError, FileNotFoundError) as load_error:
         return None, "", str(load_error)
+    if set(dataset_labels) != set(predictor.labels):
+        st.warning(f"This run was trained on other labels ({len(predictor.labels)}) than the dataset's "
+                   f"({len(dataset_labels)}), so its predictions do not match the true labels shown.")
     labels = {index: f"{row['ImageID']}: {row['Caption'][:60]}" for index, row in enumerate(samples)}
     index = st.selectbox("Sample", list(labels), format_func=labels.get, key="predict_sample")
     row = samples[index]
@@ -96,9 +110,10 @@ def main() -> None:
     if not runs:
         st.info("No finished run yet. Train one on the Train page first.")
         st.stop()
+    status = {run.name: run.status for run in runs}
     names = [run.name for run in runs]
-    chosen = st.selectbox("Run", names, key="predict_run")
-    run_dir = runs[names.index(chosen)]
+    chosen = st.selectbox("Run", names, key="predict_run", format_func=lambda name: f"{name} ({status[name]})")
+    run_dir = runs[names.index(chosen)].path
 
     try:
         predictor = load_predictor(str(run_dir), (run_dir / "best.pt").stat().st_mtime_ns)
@@ -115,14 +130,21 @@ def main() -> None:
     if predictor.uses_images and image is None:
         st.info("Upload an image or pick a dataset sample to see the predicted labels.")
         st.stop()
+    if not predictor.uses_images and not caption.strip():
+        st.info("This run reads captions only. Type a caption to see the predicted labels.")
+        st.stop()
 
     scores = predictor.predict(image, caption)
-    columns = st.columns([1, 2])
+    output = st
     if image is not None:
-        columns[0].image(image, caption=caption or None, width="stretch")
+        columns = st.columns([1, 2])
+        preview = image.copy()
+        preview.thumbnail((640, 640))
+        columns[0].image(preview, caption=caption or None, width="stretch")
+        output = columns[1]
     predicted = [score.name for score in scores if score.predicted]
-    columns[1].markdown("**Predicted labels:** " + ", ".join(predicted))
-    columns[1].plotly_chart(probabilities_figure(scores), key="predict_chart")
+    output.markdown("**Predicted labels:** " + ", ".join(predicted))
+    output.plotly_chart(probabilities_figure(scores), key="predict_chart")
     st.caption("Bars are label probabilities and red marks the run's decision threshold for each label. "
                "The most probable label is always predicted.")
 

@@ -31,7 +31,8 @@ REFRESH_SECONDS = 2.0
 def settings_form_ui(model: str) -> tuple[TrainConfig | None, str | None, str]:
     """Draw the settings form for `model`; return (config, run name, action) once submitted."""
     spec = get_model_spec(model)
-    with st.form("train_settings"):
+    # Enter in a number field would otherwise queue a run before the form is complete.
+    with st.form("train_settings", enter_to_submit=False):
         st.markdown("**Model**")
         columns = st.columns(4)
         captions = columns[0].checkbox("Caption branch", value=True, disabled=model == "caption_only",
@@ -91,6 +92,12 @@ def settings_form_ui(model: str) -> tuple[TrainConfig | None, str | None, str]:
     return config, run_name.strip() or None, "ablation" if queue_ablation else "run"
 
 
+def follow(run_name: str) -> None:
+    # Runs before the "Follow run" selectbox of this script run exists, so its state may be set.
+    st.session_state["train_selected_job"] = run_name
+    st.session_state["train_follow"] = run_name
+
+
 def queue_ui(config: TrainConfig, run_name: str | None, action: str) -> None:
     runs_dir = st.session_state["runs_dir"]
     try:
@@ -99,11 +106,13 @@ def queue_ui(config: TrainConfig, run_name: str | None, action: str) -> None:
             for variant in ablation_configs(config, group):
                 name = jobs.new_run_name(config.model, variant.ablation_variant.replace("_", "-"))
                 jobs.enqueue(jobs.train_arguments(variant), name, runs_dir)
+                if variant.ablation_variant == "base":
+                    follow(name)
             st.success(f"Queued ablation set {group}.")
         else:
             name = run_name or jobs.new_run_name(config.model)
             jobs.enqueue(jobs.train_arguments(config), name, runs_dir)
-            st.session_state["train_selected_job"] = name
+            follow(name)
             st.success(f"Queued run {name}.")
     except (ValueError, FileNotFoundError) as error:
         st.error(str(error))
@@ -130,7 +139,7 @@ def job_detail_ui(job: jobs.Job) -> None:
         st.progress(0.0, text=f"{job.state.capitalize()}: preparing the data.")
     else:
         text = f"Epoch {progress.epoch}/{progress.epochs_planned}"
-        if progress.steps:
+        if progress.steps and job.state == "running":
             text += f", step {progress.step}/{progress.steps}"
         st.progress(progress.fraction, text=f"{job.state.capitalize()}: {text}")
 
@@ -147,7 +156,9 @@ def job_detail_ui(job: jobs.Job) -> None:
                                                                  ("micro_f1_score", "micro F1"),
                                                                  ("macro_f1_score", "macro F1")], "Validation F1"),
                                 key=f"f1-{job.id}")
-    if has_run:
+    if job.state == "cancelled":
+        st.info("Cancelled. A run that had started keeps its last completed epoch in last.pt.")
+    elif has_run:
         failed = [event for event in read_progress(run_dir / "progress.jsonl") if event["event"] == "run_failed"]
         if failed:
             st.error(f"{failed[-1].get('error_type')}: {failed[-1].get('message')}")
@@ -164,8 +175,11 @@ def jobs_ui() -> None:
     if not all_jobs:
         st.write("No runs queued from the dashboard yet.")
         return
-    if any(job.state == "queued" for job in all_jobs) and not jobs.worker_running(runs_dir):
-        jobs.ensure_worker(runs_dir)
+    if not jobs.worker_running(runs_dir):
+        jobs.refresh_job_states(runs_dir)
+        all_jobs = jobs.list_jobs(runs_dir)
+        if any(job.state == "queued" for job in all_jobs):
+            jobs.ensure_worker(runs_dir)
 
     table = pd.DataFrame([
         {"run": job.run_name, "state": job.state,
@@ -173,7 +187,7 @@ def jobs_ui() -> None:
          "minutes": round(((job.ended or datetime.now().timestamp()) - job.started) / 60, 1) if job.started else None}
         for job in reversed(all_jobs)
     ])
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(table, hide_index=True, width="stretch", placeholder="-")
 
     names = [job.run_name for job in reversed(all_jobs)]
     running = next((job.run_name for job in all_jobs if job.state == "running"), None)
@@ -197,6 +211,11 @@ def main() -> None:
     models = list_models()
     model = st.selectbox("Architecture", models, index=models.index(DEFAULTS.model),
                          format_func=lambda name: f"{name}: {get_model_spec(name).description}")
+    if get_model_spec(model).uses_images and not (Path(st.session_state["dataset_path"]) / "data").is_dir():
+        st.warning("This dataset has no data/ folder, so only caption_only can train on it.")
+    if get_model_spec(model).pretrained_weights not in (None, "efficientnet-lite0"):
+        st.caption("Pretrained torchvision weights are downloaded on first use. Offline, untick Pretrained, "
+                   "or copy the weights file into the torch cache (~/.cache/torch/hub/checkpoints).")
     config, run_name, action = settings_form_ui(model)
     if config is not None:
         queue_ui(config, run_name, action)

@@ -174,5 +174,5 @@ def test_browser_predict_uploaded_photo(page, dashboard):
     fake.write_text("plain text")
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(fake))
     _settle(page)
-    page.get_by_text("cannot be decoded as an image").wait_for()
+    page.get_by_text("is not in a known image format").wait_for()
     _assert_no_exception(page, "6-predict-bad-upload")

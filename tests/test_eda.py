@@ -179,6 +179,18 @@ def test_sample_rows_image_paths(tmp_path):
     assert samples["image"].tolist() == [(tmp_path / "images" / "data" / "4.jpg").resolve()]
 
 
+def test_sample_rows_image_outside_folder(tmp_path):
+    # An ImageID that points outside data/ gets no path and a message, and the other rows still sample.
+    root = tmp_path / "escape"
+    (root / "data").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "data" / "1.jpg")
+    (root / "train.csv").write_text("ImageID,Labels,Caption\n1.jpg,1,a cat\n/etc/hostname,1,a dog\n")
+    samples = eda.sample_rows(eda.dataset_statistics(root), count=2).set_index("ImageID")
+    assert samples.loc["/etc/hostname", "image"] is None
+    assert "points outside" in samples.loc["/etc/hostname", "image_error"]
+    assert samples.loc["1.jpg", "image_error"] is None
+
+
 def test_sample_rows_caption_only_has_no_paths(statistics):
     assert eda.sample_rows(statistics)["image"].isna().all()
 

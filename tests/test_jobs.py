@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import threading
 import time
 from dataclasses import fields
@@ -176,3 +179,77 @@ def test_ensure_worker_runs_queue_detached(tmp_path):
         time.sleep(0.5)
     assert jobs.load_job(runs, job.id).state == "finished"
     assert (runs / "detached" / "best.pt").is_file()
+
+
+def _write_job(runs: Path, **values) -> jobs.Job:
+    job = jobs.Job(**{"id": "j", "run_name": "j", "args": [], **values})
+    jobs.jobs_dir(runs).mkdir(parents=True, exist_ok=True)
+    jobs._save(runs, job)
+    return job
+
+
+def _write_progress(run_dir: Path, events: list[dict]) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "progress.jsonl").write_text("".join(json.dumps({"time": 1.0, **event}) + "\n" for event in events))
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        ([{"event": "run_started"}, {"event": "run_finished"}], "finished"),
+        ([{"event": "run_started"}, {"event": "run_failed", "error_type": "KeyboardInterrupt"}], "cancelled"),
+        ([{"event": "run_started"}], "failed"),
+        (None, "failed"),
+    ],
+)
+def test_refresh_job_states_after_worker_death(tmp_path, events, expected):
+    # A job left "running" by a killed worker whose training process has ended since.
+    runs = tmp_path / "runs"
+    _write_job(runs, state="running", pid=_dead_pid(), started=1.0)
+    if events is not None:
+        _write_progress(runs / "j", events)
+    assert jobs.refresh_job_states(runs) == []
+    assert jobs.load_job(runs, "j").state == expected
+
+
+def test_refresh_job_states_keeps_live_process(tmp_path):
+    runs = tmp_path / "runs"
+    _write_job(runs, state="running", pid=os.getpid(), started=1.0)
+    assert [job.id for job in jobs.refresh_job_states(runs)] == ["j"]
+    assert jobs.load_job(runs, "j").state == "running"
+
+
+def test_list_jobs_skips_invalid_files(tmp_path, caplog):
+    runs = tmp_path / "runs"
+    _write_job(runs)
+    folder = jobs.jobs_dir(runs)
+    (folder / "bad-type.json").write_text(json.dumps({"id": "x", "run_name": "x", "args": [], "created": "yesterday"}))
+    (folder / "bad-state.json").write_text(json.dumps({"id": "y", "run_name": "y", "args": [], "state": "paused"}))
+    (folder / "list.json").write_text("[]")
+    (folder / "broken.json").write_text("{")
+    assert [job.id for job in jobs.list_jobs(runs)] == ["j"]
+    assert caplog.text.count("skipped job file") == 4
+
+
+def test_ensure_worker_starts_one_process(tmp_path):
+    # Repeated calls while the first worker is still importing torch must not start more workers.
+    data = _caption_dataset(tmp_path / "captions")
+    runs = tmp_path / "runs"
+    job = jobs.enqueue(jobs.train_arguments(TrainConfig(data=str(data), model="caption_only", epochs=1)), "once",
+                       runs)
+    for _ in range(5):
+        jobs.ensure_worker(runs)
+        time.sleep(0.2)
+    listing = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    workers = [line for line in listing.splitlines() if "core queue" in line and str(runs) in line]
+    assert len(workers) == 1, workers
+    deadline = time.time() + 180
+    while jobs.load_job(runs, job.id).state in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.5)
+    assert jobs.load_job(runs, job.id).state == "finished"
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -220,7 +220,7 @@ def test_predict_page_dataset_sample(trained_run):
     ("name", "content", "message"),
     [
         ("empty.png", b"", "is empty"),
-        ("text.jpg", b"just some text", "cannot be decoded"),
+        ("text.jpg", b"just some text", "is not in a known image format"),
         # The uploader accepts only .jpg, .jpeg, .png and .webp names, so other formats arrive renamed.
         ("renamed.png", "gif", "is a GIF image"),
         ("truncated.jpg", "truncated", "cannot be decoded"),
@@ -264,3 +264,59 @@ def test_pages_render_on_real_datasets(trained_run, captions_csv, coco_mini, pag
             app.radio(key="predict_source").set_value("Pick a dataset sample")
             app.run()
             assert not app.exception, f"{page} sample with {folder.name}: {app.exception}"
+
+
+def test_home_file_path_and_bad_dataset_not_remembered(dashboard_env):
+    app = _app()
+    app.text_input[0].set_value(str(dashboard_env["demo"] / "train.csv"))
+    app.button(key="FormSubmitter:dataset-Use this folder").click()
+    app.run()
+    assert "is a file. Enter the folder that contains train.csv." in _texts(app)
+
+    bad = dashboard_env["root"] / "bad"
+    bad.mkdir()
+    (bad / "train.csv").write_text("ImageID,Labels,Caption\n1.jpg,x,a\n2.jpg,1 y,b\n")
+    app.text_input[0].set_value(str(bad))
+    app.button(key="FormSubmitter:dataset-Use this folder").click()
+    app.run()
+    assert not app.exception
+    assert "cannot be used" in _texts(app)
+    assert "integer ids  \n  line 3 (2.jpg)" in _texts(app)
+    assert app.session_state["dataset_path"] == str(dashboard_env["demo"])
+    assert _app().session_state["dataset_path"] == str(dashboard_env["demo"])
+
+
+def test_home_warns_about_unreadable_runs(dashboard_env):
+    broken = dashboard_env["runs"] / "broken"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{")
+    app = _app()
+    assert not app.exception
+    assert "cannot be read and are left out" in _texts(app)
+    assert "broken:" in _texts(app)
+
+
+def test_train_page_follows_new_run(dashboard_env):
+    app = _open_page("pages/train.py")
+    app.selectbox[0].set_value("caption_only")
+    app.run()
+    for name in ("first-run", "second-run"):
+        app.text_input[0].set_value(name)
+        app.button(key="FormSubmitter:train_settings-Queue run").click()
+        app.run()
+        assert not app.exception
+        assert app.selectbox(key="train_follow").value == name
+    for job in jobs.list_jobs(dashboard_env["runs"]):
+        jobs.cancel(job.id, dashboard_env["runs"])
+    _wait_for_jobs(dashboard_env["runs"])
+
+
+def test_predict_page_caption_only_needs_caption(dashboard_env):
+    train(TrainConfig(data=str(dashboard_env["demo"]), model="caption_only", epochs=1,
+                      runs_dir=str(dashboard_env["runs"]), run_name="captions"))
+    app = _open_page("pages/predict.py")
+    assert not app.exception
+    assert "Type a caption to see the predicted labels" in _texts(app)
+    app.text_input(key="predict_caption").set_value("a red circle")
+    app.run()
+    assert "**Predicted labels:**" in _texts(app)

@@ -17,6 +17,7 @@ from core.runs import (
     check_run_name,
     describe_error,
     list_runs,
+    run_progress,
     load_checkpoint,
     read_json,
     read_progress,
@@ -425,3 +426,31 @@ def test_read_json_invalid_names_file(tmp_path):
     path.write_text("{broken")
     with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
         read_json(path)
+
+
+def test_run_progress_history_and_fraction(tmp_path):
+    events = [{"event": "run_started", "pid": 1},
+              {"event": "step", "epoch": 1, "step": 4, "steps": 4},
+              {"event": "epoch_end", "epoch": 1, "train_loss": 0.5, "per_label": []},
+              {"event": "epoch_end", "train_loss": 0.4},  # no epoch number: ignored
+              {"event": "step", "epoch": 2, "step": 1, "steps": 4}]
+    progress = run_progress(_make_run(tmp_path, "half", events=events))
+    assert progress.epoch == 2
+    assert progress.step == 1
+    assert progress.steps == 4
+    assert progress.history == [{"epoch": 1, "train_loss": 0.5}]
+    # 1 of 3 planned epochs done plus a quarter of the second.
+    assert progress.fraction == pytest.approx(1.25 / 3)
+
+
+def test_list_runs_collects_problems(tmp_path):
+    _make_run(tmp_path, "good", events=[{"event": "run_finished"}])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    (tmp_path / "badepochs").mkdir()
+    (tmp_path / "badepochs" / "config.json").write_text(json.dumps({"model": "cnn2", "epochs": "abc"}))
+    problems: list[str] = []
+    assert [run.name for run in list_runs(tmp_path, problems=problems)] == ["good"]
+    assert len(problems) == 2
+    assert any(problem.startswith("broken: ") and "not valid JSON" in problem for problem in problems)
