@@ -200,8 +200,8 @@ def worker_running(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> bool:
 
 
 def _worker_starting(runs_dir: str | os.PathLike) -> bool:
-    # A worker needs many seconds to import torch before it takes the lock; the marker
-    # written when it was started keeps callers from starting more in the meantime.
+    # A worker needs many seconds to import torch before it takes the lock. The marker
+    # written when it was started keeps callers from starting more workers meanwhile.
     try:
         marker = read_json(jobs_dir(runs_dir) / WORKER_STARTING)
         return time.time() - float(marker["time"]) < WORKER_START_SECONDS and process_alive(int(marker["pid"]))
@@ -255,7 +255,7 @@ def refresh_job_states(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[J
             continue
         job.state, job.ended = _outcome_from_run(runs_dir, job), job.ended or time.time()
         _save(runs_dir, job)
-        logger.warning("job %s ended without its worker; its run folder says %s", job.id, job.state)
+        logger.warning("job %s ended without its worker; state %s taken from its run folder", job.id, job.state)
     return still_running
 
 
