@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core.datasets import AUGMENTATIONS, DatasetError
 from core.models import PretrainedWeightsError, list_models
-from core.runs import DEFAULT_RUNS_DIR, describe_error, list_runs, resolve_run
+from core.runs import DEFAULT_RUNS_DIR, RunInUseError, describe_error, list_runs, resolve_run
 from core.trainer import (
     ABLATION_VARIANTS,
     DEVICES,
@@ -28,6 +28,7 @@ from core.trainer import (
     SCHEDULERS,
     TrainConfig,
     create_run,
+    resume,
     train,
 )
 
@@ -52,6 +53,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
                       help="share of labelled rows held out for validation")
     data.add_argument("--limit", type=int, help="use only the first N labelled rows, for quick trials")
+    data.add_argument("--skip-bad-rows", action="store_true",
+                      help="leave out rows that are invalid or whose image is missing or unreadable, and list them "
+                           "in the run folder's skipped_rows.csv; without it such rows stop the run before training")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=defaults.model, choices=list_models(), help="architecture")
@@ -133,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", formatter_class=formatter, parents=[common],
         help="train a model; writes a run folder",
         description="Train a model and write a run folder under --runs-dir.")
+    train_parser.add_argument("--resume", metavar="RUN",
+                              help="continue an interrupted or failed run (folder or name under --runs-dir) from its "
+                                   "last complete epoch, with its own settings; other training options are not allowed")
     add_train_arguments(train_parser)
 
     run_help = "run folder, or a run name under --runs-dir"
@@ -203,21 +210,47 @@ def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
+def _changed_train_options(args: argparse.Namespace) -> list[str]:
+    """Return the training options given with a value other than their default, as flags."""
+    defaults = vars(build_parser().parse_args(["train"]))
+    names = [item.name for item in fields(TrainConfig) if item.name != "runs_dir"]
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) != defaults.get(name)]
+
+
 def command_train(args: argparse.Namespace) -> int:
-    names = {item.name for item in fields(TrainConfig)}
-    config = TrainConfig(**{key: value for key, value in vars(args).items() if key in names})
-    run_dir = create_run(config)
+    if args.resume is not None:
+        changed = _changed_train_options(args)
+        if changed:
+            raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(changed)}")
+        run_dir = resolve_run(args.resume, args.runs_dir)
+        config = None
+    else:
+        names = {item.name for item in fields(TrainConfig)}
+        config = TrainConfig(**{key: value for key, value in vars(args).items() if key in names})
+        run_dir = create_run(config)
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
     _out(f"run folder: {run_dir}")
     try:
-        train(config, run_dir)
+        if config is None:
+            resume(run_dir)
+        else:
+            train(config, run_dir)
+    except RunInUseError as error:
+        logger.error("%s", error)
+        return 1
     except USER_ERRORS as error:
         logger.error("run %s failed: %s", run_dir.name, describe_error(error))
+        if isinstance(error, FloatingPointError) and (run_dir / "last.pt").is_file():
+            logger.error("last.pt and best.pt keep the weights of the last good epoch")
+        elif (run_dir / "last.pt").is_file():
+            logger.error("its last complete epoch is in last.pt; continue with: python -m core train --resume %s",
+                         run_dir)
         return 1
     except KeyboardInterrupt:
-        logger.error("run %s interrupted by the user; its last completed epoch is in last.pt", run_dir.name)
+        logger.error("run %s interrupted by the user; continue it with: python -m core train --resume %s",
+                     run_dir.name, run_dir)
         return 130
     except Exception:
         logger.exception("run %s failed with an unexpected error", run_dir.name)

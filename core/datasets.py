@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,11 +23,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from core.encoder import CaptionBatch, collate_captions, encode_trigrams
+from core.runs import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +61,29 @@ class DatasetError(ValueError):
     """Invalid dataset content; the message lists every problem found (the first 20 in full)."""
 
 
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row that cannot be used, with the reason; training may skip such rows when the user allows it."""
+
+    file: str  # the CSV file name, such as train.csv
+    line: int  # the row's first line in that file
+    image_id: str
+    reason: str
+
+    def describe(self) -> str:
+        where = f"line {self.line}" + (f" ({self.image_id})" if self.image_id else "")
+        return f"{where}: {self.reason}"
+
+
 # ----------------------------------------------------------------------------- CSV files
 
 
-def _format_problems(path: Path, problems: list[str], fix: str) -> str:
+def format_problems(path: Path, problems: list[str], fix: str, what: str = "invalid row(s)") -> str:
+    """Return a message that lists the first problems of a file, counts the rest and ends with the fix."""
     shown = "\n".join(f"  {problem}" for problem in problems[:MAX_PROBLEMS_SHOWN])
     more = len(problems) - MAX_PROBLEMS_SHOWN
     tail = f"\n  ... and {more} more" if more > 0 else ""
-    return f"{path}: {len(problems)} invalid row(s):\n{shown}{tail}\n{fix}"
+    return f"{path}: {len(problems)} {what}:\n{shown}{tail}\n{fix}"
 
 
 def _swallowed_row(caption: str, image_id: str, positions: dict[str, int], width: int) -> str | None:
@@ -134,7 +153,9 @@ def _parse_labels(text: str) -> tuple[list[int], str | None]:
     return sorted(set(labels)), None
 
 
-def read_table(path: str | os.PathLike, require_labels: bool = True) -> pd.DataFrame:
+def read_table(
+    path: str | os.PathLike, require_labels: bool = True, skipped: list[SkippedRow] | None = None
+) -> pd.DataFrame:
     """Read a train.csv or test.csv file without losing or mis-splitting rows.
 
     Handles a byte order mark, CRLF line ends, trailing empty columns, quoted
@@ -145,6 +166,9 @@ def read_table(path: str | os.PathLike, require_labels: bool = True) -> pd.DataF
         path: the CSV file.
         require_labels: True for training files, which need a Labels column with
             at least one integer label per row.
+        skipped: None to raise on the first invalid rows; a list to append each
+            invalid row to instead, leaving it out of the result. A caption with an
+            unclosed quote raises either way, because the rows after it cannot be told apart.
 
     Returns:
         A DataFrame with columns ImageID (str), Labels (list of int, empty when the
@@ -168,14 +192,16 @@ def read_table(path: str | os.PathLike, require_labels: bool = True) -> pd.DataF
         raise DatasetError(
             f"{path}: line {line} is not valid UTF-8 text (byte {error.start}); re-save the file with UTF-8 encoding"
         ) from error
-    records = _read_records(path, io.StringIO(text, newline=""), require_labels)
+    records = _read_records(path, io.StringIO(text, newline=""), require_labels, skipped)
 
     frame = pd.DataFrame(records, columns=["ImageID", "Labels", "Caption", "line"])
     logger.info("read %d rows from %s", len(frame), path)
     return frame
 
 
-def _read_records(path: Path, handle: io.StringIO, require_labels: bool) -> list[tuple]:
+def _read_records(
+    path: Path, handle: io.StringIO, require_labels: bool, skipped: list[SkippedRow] | None
+) -> list[tuple]:
     reader = csv.reader(handle)
     header = next(reader, None)
     if header is None:
@@ -185,7 +211,8 @@ def _read_records(path: Path, handle: io.StringIO, require_labels: bool) -> list
     caption_last = positions.get("Caption") == width - 1
 
     records: list[tuple] = []
-    problems: list[str] = []
+    problems: list[SkippedRow] = []
+    unclosed: list[SkippedRow] = []
     seen: dict[str, int] = {}
     joined_rows = 0
     line = reader.line_num + 1
@@ -195,19 +222,23 @@ def _read_records(path: Path, handle: io.StringIO, require_labels: bool) -> list
             continue  # blank line
         while len(fields) > width and fields[-1].strip() == "":
             fields = fields[:-1]
+        image_id = fields[positions["ImageID"]].strip() if len(fields) > positions["ImageID"] else ""
+
+        def reject(reason: str) -> None:
+            problems.append(SkippedRow(path.name, start, image_id, reason))
+
         if len(fields) > width:
             if not caption_last:
-                problems.append(f"line {start}: {len(fields)} fields, expected {width}; quote fields that contain commas")
+                reject(f"{len(fields)} fields, expected {width}; quote fields that contain commas")
                 continue
             fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
             joined_rows += 1
 
-        image_id = fields[positions["ImageID"]].strip() if len(fields) > positions["ImageID"] else ""
         if not image_id:
-            problems.append(f"line {start}: empty ImageID")
+            reject("empty ImageID")
             continue
         if image_id in seen:
-            problems.append(f"line {start}: duplicate ImageID {image_id!r} (first on line {seen[image_id]})")
+            reject(f"duplicate ImageID (first on line {seen[image_id]})")
             continue
         seen[image_id] = start
 
@@ -216,21 +247,27 @@ def _read_records(path: Path, handle: io.StringIO, require_labels: bool) -> list
             raw = fields[positions["Labels"]] if len(fields) > positions["Labels"] else ""
             labels, problem = _parse_labels(raw)
             if problem and (require_labels or raw.strip()):
-                problems.append(f"line {start} ({image_id}): {problem}; expected space-separated integer ids")
+                reject(f"{problem}; expected space-separated integer ids")
                 continue
         caption_at = positions.get("Caption")
         caption = fields[caption_at].strip() if caption_at is not None and len(fields) > caption_at else ""
         swallowed = _swallowed_row(caption, image_id, positions, width) if "\n" in caption or "\r" in caption else None
         if swallowed:
-            problems.append(
-                f"line {start} ({image_id}): the caption opens a quote that is not closed, so it runs into the "
-                f"next row ({swallowed!r}); close the quote or double it (\"\")"
+            reject(
+                f"the caption opens a quote that is not closed, so it runs into the next row "
+                f"({swallowed!r}); close the quote or double it (\"\")"
             )
+            unclosed.append(problems[-1])
             continue
         records.append((image_id, labels, caption, start))
 
+    if problems and (skipped is None or unclosed):
+        listed = unclosed if skipped is not None else problems
+        fix = "Fix these rows and load the file again."
+        raise DatasetError(format_problems(path, [row.describe() for row in listed], fix))
     if problems:
-        raise DatasetError(_format_problems(path, problems, "Fix these rows and load the file again."))
+        skipped.extend(problems)
+        logger.warning("%s: left out %d invalid row(s)", path, len(problems))
     if joined_rows:
         logger.warning("%s: %d row(s) had unquoted commas in the caption; the fields were joined back", path, joined_rows)
     return records
@@ -295,24 +332,49 @@ class DatasetFolder:
             raise DatasetError(f"{self.root} has no {IMAGE_DIR_NAME}/ folder, so it has no images")
         return [resolve_image_path(self.image_dir, image_id) for image_id in frame["ImageID"]]
 
-    def check_images_exist(self, frame: pd.DataFrame) -> None:
-        """Raise DatasetError listing rows whose image file is missing or lies outside the image folder."""
+    def image_problems(self, frame: pd.DataFrame, check=None) -> list[SkippedRow]:
+        """Return the rows of `frame` whose image is missing, outside the image folder or unreadable.
+
+        Args:
+            frame: rows of train.csv.
+            check: a function from image paths to a list of problems (None for a
+                readable image), such as `ImageChecks.check`; None checks only that
+                the files exist.
+        """
         if self.image_dir is None:
             raise DatasetError(f"{self.root} has no {IMAGE_DIR_NAME}/ folder, so it has no images")
-        problems = []
+        problems: list[SkippedRow] = []
+        present: list[tuple[int, str, Path]] = []
         for image_id, line in zip(frame["ImageID"], frame["line"]):
             try:
                 path = resolve_image_path(self.image_dir, image_id)
             except DatasetError as error:
-                problems.append(f"line {line}: {error}")
+                problems.append(SkippedRow("train.csv", int(line), image_id, str(error)))
                 continue
             if not path.is_file():
-                problems.append(f"line {line}: image {image_id!r} not found in {self.image_dir}")
-        if problems:
-            raise DatasetError(_format_problems(
-                self.root / "train.csv", problems,
-                f"Add the missing files to {self.image_dir} or remove their rows.",
-            ))
+                problems.append(SkippedRow("train.csv", int(line), image_id, f"image not found in {self.image_dir}"))
+            else:
+                present.append((int(line), image_id, path))
+        if check is not None and present:
+            for (line, image_id, _), problem in zip(present, check([path for _, _, path in present])):
+                if problem is not None:
+                    problems.append(SkippedRow("train.csv", line, image_id, problem))
+        return sorted(problems, key=lambda row: row.line)
+
+    def unused_images(self) -> list[str]:
+        """Return the files in the image folder that no row of train.csv or test.csv names, sorted."""
+        if self.image_dir is None:
+            return []
+        named = {str(image_id) for image_id in self.train["ImageID"]}
+        if self.test is not None:
+            named |= {str(image_id) for image_id in self.test["ImageID"]}
+        found = []
+        for directory, _, files in os.walk(self.image_dir):
+            for name in files:
+                relative = (Path(directory) / name).relative_to(self.image_dir).as_posix()
+                if relative not in named and not name.startswith("."):
+                    found.append(relative)
+        return sorted(found)
 
 
 def resolve_image_path(image_dir: Path, image_id: str) -> Path:
@@ -324,8 +386,15 @@ def resolve_image_path(image_dir: Path, image_id: str) -> Path:
     return candidate
 
 
-def load_dataset(root: str | os.PathLike) -> DatasetFolder:
-    """Load a dataset folder: `train.csv`, optional `test.csv`, optional `data/` and `labels.csv`."""
+def load_dataset(root: str | os.PathLike, skipped: list[SkippedRow] | None = None) -> DatasetFolder:
+    """Load a dataset folder: `train.csv`, optional `test.csv`, optional `data/` and `labels.csv`.
+
+    Args:
+        root: the dataset folder.
+        skipped: None to raise on invalid rows of train.csv; a list to collect them
+            instead (see `read_table`). Invalid rows of test.csv always raise, because
+            a submission needs every row.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} not found; pass a folder that contains train.csv")
@@ -335,7 +404,9 @@ def load_dataset(root: str | os.PathLike) -> DatasetFolder:
             f"{train_csv} not found; a dataset folder needs a train.csv with columns {','.join(COLUMNS)}"
         )
 
-    train = read_table(train_csv, require_labels=True)
+    train = read_table(train_csv, require_labels=True, skipped=skipped)
+    if train.empty and skipped:
+        raise DatasetError(f"{train_csv}: none of its {len(skipped)} row(s) is valid, for example {skipped[0].describe()}")
     if train.empty:
         raise DatasetError(f"{train_csv}: header only, no rows; add at least one labelled row")
     test_csv = root / "test.csv"
@@ -435,20 +506,114 @@ def _greedy_split(targets: np.ndarray, val_fraction: float, rng: np.random.Gener
 # ----------------------------------------------------------------------------- images
 
 
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression bomb limit (about 9,500 x 9,500); larger images are refused
+
+
+BOMB_ADVICE = "which protects against decompression bombs; downscale the image or remove it"
+
+
+def check_dimensions(image: Image.Image, name: str | os.PathLike) -> None:
+    """Raise ValueError when an opened image declares more pixels than any real photo has."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{name}: {width} x {height} pixels is more than the {MAX_IMAGE_PIXELS:,} allowed, {BOMB_ADVICE}"
+        )
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    with warnings.catch_warnings():
+        # Sizes between Pillow's warning and error limits are refused by check_dimensions instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _decode_failure(path: str | os.PathLike, error: BaseException) -> str:
+    if isinstance(error, Image.DecompressionBombError):
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "its size"
+        return f"{size} is more than the {MAX_IMAGE_PIXELS:,} allowed, {BOMB_ADVICE}"
+    if isinstance(error, UnidentifiedImageError):
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        return "empty file (0 bytes)" if size == 0 else "not an image file Pillow can read (unknown format)"
+    return f"cannot decode image ({error})"
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open an image as 8-bit RGB, applying its EXIF orientation.
 
     Transparent images are composited on white; 16-bit and 32-bit grayscale is
-    scaled to 8 bits; CMYK, palette and grayscale images are converted.
+    scaled to 8 bits; CMYK, palette and grayscale images are converted. The format
+    comes from the file content, so a PNG named .jpg opens too.
 
     Raises:
-        ValueError: the file is not a decodable image; the message names the file.
+        ValueError: the file is not a decodable image or is a decompression bomb;
+            the message names the file.
     """
     try:
-        with Image.open(path) as image:
+        with _open(path) as image:
+            check_dimensions(image, path)
             return to_rgb(image)
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: cannot decode image ({error}); replace or remove the file") from error
+        raise ValueError(f"{path}: {_decode_failure(path, error)}; replace or remove the file") from error
+
+
+def check_image(path: str | os.PathLike) -> str | None:
+    """Return why an image file cannot be used, or None when it decodes.
+
+    JPEG files are decoded at reduced scale, which still reads every byte, so a
+    truncated file is found at a fraction of the cost of a full decode.
+    """
+    try:
+        with _open(path) as image:
+            check_dimensions(image, Path(path).name)
+            image.draft("RGB", (64, 64))
+            image.load()
+    except ValueError as error:
+        return str(error).split(": ", 1)[-1]
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        return _decode_failure(path, error)
+    return None
+
+
+class ImageChecks:
+    """`check_image` results for many files, run in threads and remembered in a JSON file.
+
+    A result is reused while the file's size and modification time are unchanged,
+    so a second run on the same folder does not decode its images again.
+    """
+
+    def __init__(self, cache_file: str | os.PathLike | None = None) -> None:
+        self.cache_file = Path(cache_file) if cache_file is not None else None
+        self._known: dict[str, list] = {}
+        if self.cache_file is not None and self.cache_file.is_file():
+            try:
+                self._known = json.loads(self.cache_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                logger.warning("ignored the unreadable image check cache %s", self.cache_file)
+
+    def check(self, paths: Sequence[Path]) -> list[str | None]:
+        """Return one problem (or None) per path, in order."""
+        stamps = []
+        for path in paths:
+            stat = path.stat()
+            stamps.append([stat.st_size, stat.st_mtime_ns])
+        todo = [index for index, path in enumerate(paths) if self._known.get(str(path), [None, None])[:2] != stamps[index]]
+        if todo:
+            logger.info("checking %d image(s) for decoding problems", len(todo))
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+                for index, problem in zip(todo, pool.map(check_image, [paths[index] for index in todo])):
+                    self._known[str(paths[index])] = [*stamps[index], problem]
+            self._save()
+        return [self._known[str(path)][2] for path in paths]
+
+    def _save(self) -> None:
+        if self.cache_file is None:
+            return
+        try:
+            write_json(self.cache_file, self._known)
+        except OSError as error:
+            logger.warning("could not save the image check cache %s: %s", self.cache_file, error)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

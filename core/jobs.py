@@ -27,7 +27,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from core.runs import DEFAULT_RUNS_DIR, check_run_name, process_alive, read_json, read_progress, write_json
+from core.runs import (
+    DEFAULT_RUNS_DIR,
+    check_run_name,
+    final_event,
+    process_alive,
+    read_json,
+    read_progress,
+    write_json,
+)
 from core.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -38,7 +46,7 @@ WORKER_LOCK = "worker.lock"
 WORKER_STARTING = "worker-starting.json"  # pid and start time of a worker that has not taken the lock yet
 WORKER_START_SECONDS = 300.0  # a starting marker older than this is ignored
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-STORE_TRUE_FLAGS = ("freeze_backbone", "pos_weight")  # CLI flags without a --no- form
+STORE_TRUE_FLAGS = ("freeze_backbone", "pos_weight", "skip_bad_rows")  # CLI flags without a --no- form
 
 
 @dataclass
@@ -232,7 +240,7 @@ def _next_queued(runs_dir: str | os.PathLike) -> Job | None:
 def _outcome_from_run(runs_dir: str | os.PathLike, job: Job) -> str:
     """Return the final job state that the run folder records for a job whose process ended."""
     events = read_progress(Path(runs_dir) / job.run_name / "progress.jsonl")
-    final = next((event for event in reversed(events) if event["event"] in ("run_finished", "run_failed")), None)
+    final = final_event(events)
     if final is not None and final["event"] == "run_finished":
         return "finished"
     if job.cancel_requested or (final is not None and final.get("error_type") == "KeyboardInterrupt"):

@@ -8,9 +8,13 @@ A run folder under `checkpoints/` contains:
 - `split.json`: the ImageIDs of the train and validation parts.
 - `last.pt` (every epoch) and `best.pt` (best validation samples F1): checkpoints
   with keys `CHECKPOINT_KEYS`, loadable with `torch.load(..., weights_only=True)`.
+  `last.pt` also holds the optimizer state and the epoch history, so that
+  `python -m core train --resume` can continue after the last complete epoch.
 - `metrics.json`: final metrics of the best epoch, per-label scores included.
 - `thresholds.json`: per-label decision thresholds tuned on the validation part.
 - `train.log`: the log of the training process.
+- `skipped_rows.csv`: rows left out with --skip-bad-rows, with the reason for each.
+- `.lock`: held (flock) by the process that trains the run, so no second process writes to it.
 
 JSON files and checkpoints are written to a temporary file and renamed into place,
 so a reader never sees half of one.
@@ -18,25 +22,33 @@ so a reader never sees half of one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT_VERSION = 1
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_metric", "config", "labels", "format_version")
+CHECKPOINT_FORMAT_VERSION = 2  # 2 added history and scaler, which resuming needs
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "history", "config", "labels",
+                   "format_version")
 PROGRESS_EVENTS = ("run_started", "step", "epoch_end", "checkpoint_saved", "run_finished", "run_failed")
 DEFAULT_RUNS_DIR = "checkpoints"
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+LOCK_FILE = ".lock"
+
+
+class RunInUseError(ValueError):
+    """Another process is writing the run folder."""
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -140,6 +152,23 @@ def read_progress(path: Path) -> list[dict[str, Any]]:
     return events
 
 
+def restart_progress(path: Path, epoch: int, history: list[dict[str, Any]]) -> None:
+    """Rewrite a resumed run's progress.jsonl so that it ends with epoch `epoch`.
+
+    Events of later epochs, written before the process stopped, are dropped. The
+    epoch_end events come from `history` (from the checkpoint), so every epoch up to
+    `epoch` appears exactly once even if the process stopped between saving the
+    checkpoint and writing the event.
+    """
+    kept = [
+        event for event in read_progress(path)
+        if event["event"] != "epoch_end" and not (isinstance(event.get("epoch"), int) and event["epoch"] > epoch)
+    ]
+    merged = sorted(kept + list(history), key=lambda event: float(event.get("time", 0.0)))
+    text = "".join(json.dumps(event, allow_nan=False) + "\n" for event in merged)
+    atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+
+
 def describe_error(error: BaseException) -> str:
     """Return the one-line cause of an error for users, without a traceback.
 
@@ -180,6 +209,47 @@ def resolve_run(run: str | os.PathLike, runs_dir: str | os.PathLike = DEFAULT_RU
     )
 
 
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock for the duration of the block.
+
+    Raises:
+        RunInUseError: another process holds it; the message gives that process's id.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(descriptor, 32).decode("ascii", errors="replace").strip()
+        os.close(descriptor)
+        raise RunInUseError(
+            f"run {Path(run_dir).name} is being written by another process{f' (pid {owner})' if owner else ''}; "
+            "wait for it to end or stop it, then try again"
+        ) from None
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode("ascii"))
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
+def run_locked(run_dir: Path) -> bool:
+    """Return True while a process holds the run folder's lock (a run that is training)."""
+    try:
+        descriptor = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
+
+
 def process_alive(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False  # 0 and negative ids would address process groups, not one process
@@ -190,6 +260,17 @@ def process_alive(pid: Any) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def final_event(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Return the run_finished or run_failed event of the latest start, or None while none is written.
+
+    A resumed run writes run_started again, so an earlier failure no longer counts.
+    """
+    started_at = max((index for index, event in enumerate(events) if event["event"] == "run_started"), default=0)
+    return next(
+        (event for event in reversed(events[started_at:]) if event["event"] in ("run_finished", "run_failed")), None
+    )
 
 
 @dataclass
@@ -214,7 +295,7 @@ def summarize_run(path: Path) -> RunSummary:
         raise ValueError(f"{path / 'config.json'}: expected a JSON object, found {type(config).__name__}")
     events = read_progress(path / "progress.jsonl")
     epochs = [event for event in events if event["event"] == "epoch_end"]
-    final = next((event for event in reversed(events) if event["event"] in ("run_finished", "run_failed")), None)
+    final = final_event(events)
     started = next((event for event in reversed(events) if event["event"] == "run_started"), None)
 
     error = None
@@ -224,7 +305,7 @@ def summarize_run(path: Path) -> RunSummary:
         status, error = "interrupted", final.get("message")
     elif final is not None:
         status, error = "failed", f"{final.get('error_type')}: {final.get('message')}"
-    elif started is not None and process_alive(started.get("pid")):
+    elif run_locked(path) or (started is not None and process_alive(started.get("pid"))):
         status = "running"
     else:
         status = "interrupted"

@@ -7,6 +7,8 @@ device, data, run folder, model, loss and optimizer, epoch loop, final metrics.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
 import os
@@ -20,21 +22,27 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from core import datasets
-from core.datasets import AUGMENTATIONS, CaptionedImages, DatasetFolder, collate_rows
+from core.datasets import AUGMENTATIONS, CaptionedImages, DatasetError, DatasetFolder, ImageChecks, SkippedRow, collate_rows
 from core.metrics import DEFAULT_THRESHOLD, decide, f1_scores, per_label_scores, sigmoid, tune_thresholds
 from core.models import IMAGENET_MEAN, IMAGENET_STD, count_parameters, create_model, get_model_spec, list_models
 from core.runs import (
     CHECKPOINT_FORMAT_VERSION,
     DEFAULT_RUNS_DIR,
     ProgressWriter,
+    atomic_write,
     check_run_name,
     describe_error,
+    load_checkpoint,
+    read_json,
+    restart_progress,
+    run_lock,
     save_checkpoint,
     write_json,
 )
@@ -51,6 +59,8 @@ ABLATION_VARIANTS = ("base", "no_dropout", "no_captions", "batch_norm")
 BATCH_NORM_MODELS = ("resnet18", "resnet50", "inception_v3", "efficientnet_lite0")
 AUX_LOSS_WEIGHT = 0.4  # weight of Inception's auxiliary loss, as in torchvision's training reference
 STEP_EVENT_INTERVAL = 1.0  # seconds between `step` progress events
+SKIPPED_ROWS_FILE = "skipped_rows.csv"
+IMAGE_CHECKS_FILE = Path(".cache") / "image-checks.json"  # under runs_dir
 
 
 @dataclass
@@ -61,6 +71,7 @@ class TrainConfig:
     data: str | None = None  # dataset folder; None uses the generated demo dataset
     val_fraction: float = 0.2  # share of labelled rows held out for validation, in (0, 1)
     limit: int | None = None  # use only the first N labelled rows (quick trials); None uses all
+    skip_bad_rows: bool = False  # leave out unusable rows (listed in skipped_rows.csv) instead of stopping
 
     # model
     model: str = "cnn2"  # a name from core.models.list_models()
@@ -350,11 +361,22 @@ class PreparedData:
     std: list[float]
 
 
-def load_checked_rows(config: TrainConfig) -> tuple[DatasetFolder, Any]:
-    """Load the dataset and the rows the run will use, checking images and captions.
+@dataclass
+class CheckedRows:
+    """The rows a run can use, and those it cannot."""
+
+    folder: DatasetFolder
+    rows: Any  # pandas DataFrame of usable rows of train.csv
+    skipped: list[SkippedRow]  # invalid rows, and rows whose image is missing or unreadable
+    unused_images: list[str]  # files in the image folder that no row names
+
+
+def load_checked_rows(config: TrainConfig) -> CheckedRows:
+    """Load the dataset and the rows the run will use, checking every row, image and caption.
 
     With no `config.data`, the demo dataset is generated if needed and `config.data`
-    is set to it.
+    is set to it. Invalid rows, and rows whose image is missing, outside the image
+    folder or undecodable, stop the run unless `config.skip_bad_rows` allows leaving them out.
 
     Raises:
         ValueError, FileNotFoundError: the dataset cannot serve this run; the message gives the reason.
@@ -364,43 +386,81 @@ def load_checked_rows(config: TrainConfig) -> tuple[DatasetFolder, Any]:
 
         config.data = str(ensure_demo_dataset())
         logger.info("no --data given; using the generated demo dataset in %s", config.data)
-    folder = datasets.load_dataset(config.data)
+    skipped: list[SkippedRow] = []
+    folder = datasets.load_dataset(config.data, skipped)
     rows = folder.train if config.limit is None else folder.train.iloc[: config.limit]
+    unused: list[str] = []
     if get_model_spec(config.model).uses_images:
         if not folder.has_images:
             raise ValueError(
                 f"{folder.root} has no {datasets.IMAGE_DIR_NAME}/ folder, so {config.model} cannot train on it; "
                 "use --model caption_only for a caption-only dataset"
             )
-        folder.check_images_exist(rows)
+        checks = ImageChecks(Path(config.runs_dir) / IMAGE_CHECKS_FILE)
+        image_problems = folder.image_problems(rows, checks.check)
+        bad_lines = {problem.line for problem in image_problems}
+        rows = rows[~rows["line"].isin(bad_lines)]
+        skipped = sorted(skipped + image_problems, key=lambda problem: problem.line)
+        unused = folder.unused_images()
+        if unused:
+            logger.warning(
+                "%d file(s) in %s have no row in train.csv or test.csv and are not used, for example %s",
+                len(unused), folder.image_dir, ", ".join(unused[:3]),
+            )
+    train_csv = folder.root / "train.csv"
+    if skipped and not config.skip_bad_rows:
+        raise DatasetError(datasets.format_problems(
+            train_csv, [problem.describe() for problem in skipped],
+            f"Fix or remove these rows, or pass --skip-bad-rows to train on the other {len(rows)} row(s); "
+            f"the skipped rows are then listed in the run folder's {SKIPPED_ROWS_FILE}.",
+            what="unusable row(s)",
+        ))
+    if skipped:
+        logger.warning("%s: skipping %d unusable row(s); %d row(s) remain", train_csv, len(skipped), len(rows))
+    if len(rows) == 0:
+        raise DatasetError(f"{train_csv}: no usable rows remain after skipping {len(skipped)}; fix the rows listed above")
     if config.captions and not any(caption.strip() for caption in rows["Caption"]):
         raise ValueError(
-            f"{folder.root / 'train.csv'} has no captions (no Caption column, or every caption is empty); "
+            f"{train_csv} has no captions (no Caption column, or every caption is empty); "
             "add a Caption column or train with --no-captions"
         )
-    return folder, rows
+    return CheckedRows(folder=folder, rows=rows, skipped=skipped, unused_images=unused)
 
 
-def prepare_data(config: TrainConfig, uses_images: bool, pretrained: bool) -> PreparedData:
-    """Load the dataset, check its images, split it and choose the normalisation statistics."""
-    folder, rows = load_checked_rows(config)
-    targets = datasets.targets_from_labels(rows["Labels"], folder.labels)
-    train_index, val_index = datasets.split_indices(targets, config.val_fraction, config.seed)
+def write_skipped_rows(path: Path, skipped: Sequence[SkippedRow]) -> None:
+    """Write the skipped rows as CSV: file, line, ImageID, reason."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["file", "line", "ImageID", "reason"])
+    writer.writerows([row.file, row.line, row.image_id, row.reason] for row in skipped)
+    atomic_write(path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
+
+
+def _statistics(config: TrainConfig, folder: DatasetFolder, train_rows, uses_images: bool,
+                pretrained: bool, image_size: int) -> tuple[list[float], list[float]]:
+    """Choose the normalisation mean and std for the run's images."""
     spec = get_model_spec(config.model)
-    image_size = config.image_size or spec.input_size
-
-    mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     normalization = config.normalization
     if normalization == "auto":
         normalization = "pretrained" if pretrained else "dataset"
     if uses_images and normalization == "pretrained":
-        mean, std = list(spec.mean), list(spec.std)
-    elif uses_images and normalization == "imagenet":
-        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    elif uses_images and normalization == "dataset":
-        paths = folder.image_paths(rows.iloc[train_index])
+        return list(spec.mean), list(spec.std)
+    if uses_images and normalization == "imagenet":
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if uses_images and normalization == "dataset":
+        paths = folder.image_paths(train_rows)
         logger.info("computing channel statistics over %d training images", min(len(paths), 2000))
-        mean, std = datasets.channel_stats(paths, image_size, seed=config.seed)
+        return datasets.channel_stats(paths, image_size, seed=config.seed)
+    return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+
+
+def prepare_data(config: TrainConfig, checked: CheckedRows, uses_images: bool, pretrained: bool) -> PreparedData:
+    """Split the checked rows and choose the normalisation statistics."""
+    folder, rows = checked.folder, checked.rows
+    targets = datasets.targets_from_labels(rows["Labels"], folder.labels)
+    train_index, val_index = datasets.split_indices(targets, config.val_fraction, config.seed)
+    image_size = config.image_size or get_model_spec(config.model).input_size
+    mean, std = _statistics(config, folder, rows.iloc[train_index], uses_images, pretrained, image_size)
     return PreparedData(
         folder=folder,
         train_rows=rows.iloc[train_index],
@@ -410,6 +470,48 @@ def prepare_data(config: TrainConfig, uses_images: bool, pretrained: bool) -> Pr
         image_size=image_size,
         mean=mean,
         std=std,
+    )
+
+
+def prepare_resumed_data(config: TrainConfig, resolved: dict[str, Any], run_dir: Path) -> PreparedData:
+    """Rebuild a run's train and validation parts from split.json, as they were when it started.
+
+    Raises:
+        DatasetError: rows of the split are gone from train.csv or their images are unusable now.
+    """
+    folder = datasets.load_dataset(config.data, skipped=[])
+    # The label set is the run's own, even if train.csv gained or lost labels since.
+    folder.labels = [int(label) for label in resolved["labels"]]
+    folder.label_names = {int(label): name for label, name in resolved["label_names"].items()}
+    split = read_json(run_dir / "split.json")
+    by_id = folder.train.set_index("ImageID", drop=False)
+    parts = []
+    for name in ("train", "val"):
+        missing = [image_id for image_id in split[name] if image_id not in by_id.index]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} row(s) of run {run_dir.name} are no longer valid rows of {folder.root / 'train.csv'}, "
+                f"for example {missing[0]!r}; the dataset changed since the run started, so start a new run instead"
+            )
+        parts.append(by_id.loc[list(split[name])].reset_index(drop=True))
+    if resolved.get("uses_images"):
+        checks = ImageChecks(Path(config.runs_dir) / IMAGE_CHECKS_FILE)
+        problems = folder.image_problems(pd.concat(parts), checks.check)
+        if problems:
+            raise DatasetError(datasets.format_problems(
+                folder.root / "train.csv", [problem.describe() for problem in problems],
+                "These images changed since the run started; restore them or start a new run.",
+                what="unusable row(s)",
+            ))
+    return PreparedData(
+        folder=folder,
+        train_rows=parts[0],
+        val_rows=parts[1],
+        train_targets=datasets.targets_from_labels(parts[0]["Labels"], folder.labels),
+        val_targets=datasets.targets_from_labels(parts[1]["Labels"], folder.labels),
+        image_size=resolved["image_size"] or 0,
+        mean=list(resolved["mean"]),
+        std=list(resolved["std"]),
     )
 
 
@@ -557,20 +659,61 @@ def train(config: TrainConfig, run_dir: Path | None = None) -> Path:
     """
     if run_dir is None:
         run_dir = create_run(config)
+    with run_lock(run_dir):
+        _train_logged(config, run_dir, resume=None)
+    return run_dir
+
+
+def resume(run_dir: Path) -> Path:
+    """Continue an interrupted or failed run from its last complete epoch to its planned epochs.
+
+    The settings, split and normalisation come from the run folder; last.pt gives the
+    weights, optimizer state and epoch history. Epochs after the checkpoint, written
+    before the process stopped, are dropped from progress.jsonl and trained again.
+
+    Raises:
+        RunInUseError: another process is training the run.
+        ValueError, FileNotFoundError: the run cannot be resumed; the message says why.
+    """
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        resolved = read_json(run_dir / "config.json")
+        if not isinstance(resolved, dict) or "labels" not in resolved:
+            raise ValueError(f"run {run_dir.name} stopped before its first epoch; start a new run instead")
+        last = run_dir / "last.pt"
+        if not last.is_file():
+            raise ValueError(f"run {run_dir.name} has no last.pt because it stopped before its first epoch ended; "
+                             "start a new run instead")
+        state = load_checkpoint(last)
+        if state.get("format_version", 1) < CHECKPOINT_FORMAT_VERSION:
+            raise ValueError(f"{last} was written by an older version without the epoch history; "
+                             "it cannot be resumed, so start a new run")
+        config = TrainConfig.from_dict(resolved)
+        if (run_dir / "metrics.json").is_file() and state["epoch"] >= config.epochs:
+            raise ValueError(f"run {run_dir.name} already finished its {config.epochs} epoch(s); nothing to resume")
+        logger.info("resuming run %s after epoch %d of %d", run_dir.name, state["epoch"], config.epochs)
+        restart_progress(run_dir / "progress.jsonl", int(state["epoch"]), list(state["history"]))
+        _train_logged(config, run_dir, resume=(resolved, state))
+    return run_dir
+
+
+def _train_logged(config: TrainConfig, run_dir: Path, resume: tuple[dict, dict] | None) -> None:
     progress = ProgressWriter(run_dir / "progress.jsonl")
-    progress.emit("run_started", pid=os.getpid(), config=config.to_dict())
+    started = {"resumed_after_epoch": int(resume[1]["epoch"])} if resume is not None else {}
+    progress.emit("run_started", pid=os.getpid(), config=config.to_dict(), **started)
     try:
-        best_metric, final = _train_in(config, run_dir, progress)
+        best_metric, final = _train_in(config, run_dir, progress, resume)
         progress.emit("run_finished", best_metric=best_metric, **{k: v for k, v in final.items() if k != "per_label"})
     except BaseException as error:
         progress.emit("run_failed", error_type=type(error).__name__, message=describe_error(error))
         raise
     finally:
         progress.close()
-    return run_dir
 
 
-def _train_in(config: TrainConfig, run_dir: Path, progress: ProgressWriter) -> tuple[float, dict[str, Any]]:
+def _train_in(
+    config: TrainConfig, run_dir: Path, progress: ProgressWriter, resume: tuple[dict, dict] | None
+) -> tuple[float, dict[str, Any]]:
     # Seed and device
     seed_everything(config.seed)
     device = select_device(config.device)
@@ -578,8 +721,14 @@ def _train_in(config: TrainConfig, run_dir: Path, progress: ProgressWriter) -> t
     spec = get_model_spec(config.model)
     pretrained = spec.supports_pretrained and config.pretrained is not False
 
-    # Data
-    data = prepare_data(config, spec.uses_images, pretrained)
+    # Data: checked and split for a new run; as recorded in the run folder for a resumed one
+    if resume is None:
+        checked = load_checked_rows(config)
+        data = prepare_data(config, checked, spec.uses_images, pretrained)
+        if checked.skipped:
+            write_skipped_rows(run_dir / SKIPPED_ROWS_FILE, checked.skipped)
+    else:
+        data = prepare_resumed_data(config, resume[0], run_dir)
     folder = data.folder
     train_set = make_dataset(data, data.train_rows, data.train_targets, spec.uses_images, config.augment)
     val_set = make_dataset(data, data.val_rows, data.val_targets, spec.uses_images, ())
@@ -598,12 +747,12 @@ def _train_in(config: TrainConfig, run_dir: Path, progress: ProgressWriter) -> t
                               drop_last=drop_last, **loader_options)
     val_loader = DataLoader(val_set, shuffle=False, **loader_options)
 
-    # Model, loss and optimizer
+    # Model, loss and optimizer; a resumed run takes its weights from last.pt
     model = create_model(
-        config.model, len(folder.labels), captions=config.captions, pretrained=pretrained,
-        weights_path=config.weights, dropout=config.dropout, batch_norm=config.batch_norm,
-        conv_layers=config.conv_layers, fc_layers=config.fc_layers, hidden_size=config.hidden_size,
-        image_size=data.image_size, freeze_backbone=config.freeze_backbone,
+        config.model, len(folder.labels), captions=config.captions, pretrained=pretrained and resume is None,
+        weights_path=config.weights if resume is None else None, dropout=config.dropout,
+        batch_norm=config.batch_norm, conv_layers=config.conv_layers, fc_layers=config.fc_layers,
+        hidden_size=config.hidden_size, image_size=data.image_size, freeze_backbone=config.freeze_backbone,
     ).to(device)
     positive_weights = pos_weights(data.train_targets) if config.pos_weight else None
     loss_fn = build_loss(config.loss, positive_weights.to(device) if positive_weights is not None else None)
@@ -615,29 +764,44 @@ def _train_in(config: TrainConfig, run_dir: Path, progress: ProgressWriter) -> t
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
-    # Resolved settings: config.json and split.json describe the run before the first step
-    resolved = {
-        **config.to_dict(),
-        "pretrained": pretrained,
-        "labels": folder.labels,
-        "label_names": {str(label): name for label, name in folder.label_names.items()},
-        "uses_images": spec.uses_images,
-        "image_size": data.image_size if spec.uses_images else None,
-        "mean": data.mean,
-        "std": data.std,
-        "encoder": {"name": "trigram", "dim": 26**3},
-        "train_rows": len(train_set),
-        "val_rows": len(val_set),
-        "parameters": count_parameters(model),
-        "trainable_parameters": count_parameters(model, trainable_only=True),
-        "device_used": str(device),
-        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-        "workers_used": workers,
-        "versions": library_versions(),
-        "created": datetime.now().isoformat(timespec="seconds"),
-    }
-    write_json(run_dir / "config.json", resolved)
-    write_json(run_dir / "split.json", {"train": list(data.train_rows["ImageID"]), "val": list(data.val_rows["ImageID"])})
+    if resume is not None:
+        resolved, state = resume
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        history = list(state["history"])
+        best_metric = float(state["best_metric"])
+    else:
+        history, best_metric = [], float("-inf")
+        # Resolved settings: config.json and split.json describe the run before the first step
+        resolved = {
+            **config.to_dict(),
+            "pretrained": pretrained,
+            "labels": folder.labels,
+            "label_names": {str(label): name for label, name in folder.label_names.items()},
+            "uses_images": spec.uses_images,
+            "image_size": data.image_size if spec.uses_images else None,
+            "mean": data.mean,
+            "std": data.std,
+            "encoder": {"name": "trigram", "dim": 26**3},
+            "train_rows": len(train_set),
+            "val_rows": len(val_set),
+            "skipped_rows": len(checked.skipped),
+            "unused_images": len(checked.unused_images),
+            "parameters": count_parameters(model),
+            "trainable_parameters": count_parameters(model, trainable_only=True),
+            "device_used": str(device),
+            "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+            "workers_used": workers,
+            "versions": library_versions(),
+            "created": datetime.now().isoformat(timespec="seconds"),
+        }
+        write_json(run_dir / "config.json", resolved)
+        write_json(run_dir / "split.json",
+                   {"train": list(data.train_rows["ImageID"]), "val": list(data.val_rows["ImageID"])})
     logger.info(
         "run %s: %s on %s (%d train / %d validation rows, %d labels, %s parameters)",
         run_dir.name, config.model, device, len(train_set), len(val_set), len(folder.labels),
@@ -645,59 +809,82 @@ def _train_in(config: TrainConfig, run_dir: Path, progress: ProgressWriter) -> t
     )
 
     # Epochs, then the final metrics of the best checkpoint
-    best_metric = _run_epochs(
-        config, model, train_loader, val_loader, loss_fn, eval_loss_fn, optimizer, scheduler, scaler,
-        device, amp_dtype, folder, resolved, run_dir, progress,
-    )
+    state = TrainingState(model, optimizer, scheduler, scaler, generator, history, best_metric)
+    _run_epochs(config, state, train_loader, val_loader, loss_fn, eval_loss_fn, device, amp_dtype, folder,
+                resolved, run_dir, progress)
     final = _finish_run(config, model, val_loader, eval_loss_fn, device, amp_dtype, folder, run_dir)
-    return best_metric, final
+    return state.best_metric, final
+
+
+@dataclass
+class TrainingState:
+    """What changes from epoch to epoch, and what last.pt saves of it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a learning-rate scheduler, or None
+    scaler: torch.amp.GradScaler | None
+    generator: torch.Generator  # shuffles and samples the training rows
+    history: list[dict[str, Any]]  # the epoch_end event of every finished epoch
+    best_metric: float  # best validation samples F1 so far
+
+    def checkpoint(self, resolved: dict[str, Any], labels: list[int]) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "epoch": len(self.history),
+            "best_metric": self.best_metric,
+            "history": self.history,
+            "config": resolved,
+            "labels": labels,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+        }
 
 
 def _run_epochs(
-    config, model, train_loader, val_loader, loss_fn, eval_loss_fn, optimizer, scheduler, scaler,
-    device, amp_dtype, folder, resolved, run_dir, progress,
-) -> float:
-    best_metric = float("-inf")
-    for epoch in range(1, config.epochs + 1):
-        trained = train_one_epoch(model, train_loader, loss_fn, optimizer, device, amp_dtype, scaler, epoch, progress)
-        if scheduler is not None:
-            scheduler.step()
+    config, state: TrainingState, train_loader, val_loader, loss_fn, eval_loss_fn, device, amp_dtype, folder,
+    resolved, run_dir, progress,
+) -> None:
+    for epoch in range(len(state.history) + 1, config.epochs + 1):
+        # Seeding each epoch gives the same row order whether or not the run was resumed.
+        state.generator.manual_seed(config.seed * 100_003 + epoch)
+        trained = train_one_epoch(state.model, train_loader, loss_fn, state.optimizer, device, amp_dtype,
+                                  state.scaler, epoch, progress)
+        if state.scheduler is not None:
+            state.scheduler.step()
         started = time.perf_counter()
-        metrics, _, _ = evaluate(model, val_loader, eval_loss_fn, device, amp_dtype, config.threshold,
-                              folder.labels, folder.label_names)
+        metrics, _, _ = evaluate(state.model, val_loader, eval_loss_fn, device, amp_dtype, config.threshold,
+                                 folder.labels, folder.label_names)
+        if not math.isfinite(metrics["val_loss"]):
+            raise FloatingPointError(
+                f"validation loss became {metrics['val_loss']} after epoch {epoch}, so its weights are not saved; "
+                "lower the learning rate (--lr) or check the data"
+            )
         metrics["val_seconds"] = time.perf_counter() - started
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        record = {"epoch": epoch, "epochs": config.epochs, **trained, **metrics}
-
-        checkpoint = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "epoch": epoch,
-            "best_metric": max(best_metric, metrics["samples_f1_score"]),
-            "config": resolved,
-            "labels": folder.labels,
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-        }
-        save_checkpoint(run_dir / "last.pt", checkpoint)
-        progress.emit("checkpoint_saved", epoch=epoch, file="last.pt")
-        if metrics["samples_f1_score"] > best_metric:
-            best_metric = metrics["samples_f1_score"]
+        metrics["lr"] = state.optimizer.param_groups[0]["lr"]
+        fields = {"epoch": epoch, "epochs": config.epochs, **trained, **metrics}
+        improved = metrics["samples_f1_score"] > state.best_metric
+        state.history.append({"time": round(time.time(), 3), "event": "epoch_end", **fields})
+        state.best_metric = max(state.best_metric, metrics["samples_f1_score"])
+        checkpoint = state.checkpoint(resolved, folder.labels)
+        # best.pt first: last.pt marks the epoch complete, and a resumed run trusts best.pt up to it.
+        if improved:
             save_checkpoint(run_dir / "best.pt", checkpoint)
             progress.emit("checkpoint_saved", epoch=epoch, file="best.pt")
-        progress.emit("epoch_end", **record)
+        save_checkpoint(run_dir / "last.pt", checkpoint)
+        progress.emit("checkpoint_saved", epoch=epoch, file="last.pt")
+        progress.emit("epoch_end", **fields)
         logger.info(
             "epoch %d/%d: train loss %.4f, val loss %.4f, samples F1 %.4f, micro F1 %.4f, macro F1 %.4f (%.0f images/s)",
             epoch, config.epochs, trained["train_loss"], metrics["val_loss"], metrics["samples_f1_score"],
             metrics["micro_f1_score"], metrics["macro_f1_score"], trained["train_images_per_second"],
         )
-    return best_metric
 
 
 def _finish_run(config, model, val_loader, eval_loss_fn, device, amp_dtype, folder, run_dir) -> dict[str, Any]:
     """Reload the best checkpoint, tune thresholds and write metrics.json and thresholds.json."""
-    from core.runs import load_checkpoint
-
     best = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model"])
     metrics, probs, targets = evaluate(model, val_loader, eval_loss_fn, device, amp_dtype, config.threshold,

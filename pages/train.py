@@ -12,7 +12,7 @@ import streamlit as st
 from core import jobs
 from core.datasets import AUGMENTATIONS
 from core.models import get_model_spec, list_models
-from core.runs import read_progress, run_progress, tail_text
+from core.runs import final_event, read_progress, run_progress, tail_text
 from core.trainer import (
     LOSSES,
     NORMALIZATIONS,
@@ -159,9 +159,9 @@ def job_detail_ui(job: jobs.Job) -> None:
     if job.state == "cancelled":
         st.info("Cancelled. A run that had started keeps its last completed epoch in last.pt.")
     elif has_run:
-        failed = [event for event in read_progress(run_dir / "progress.jsonl") if event["event"] == "run_failed"]
-        if failed:
-            st.error(f"{failed[-1].get('error_type')}: {failed[-1].get('message')}")
+        final = final_event(read_progress(run_dir / "progress.jsonl"))
+        if final is not None and final["event"] == "run_failed":
+            st.error(f"{final.get('error_type')}: {final.get('message')}")
     log = tail_text(run_dir / "train.log") if has_run else ""
     log = log or tail_text(jobs.log_path(runs_dir, job.id))
     with st.expander("Log", expanded=job.state == "failed"):

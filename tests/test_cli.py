@@ -209,19 +209,17 @@ def test_cli_runs_empty_folder(tmp_path, capsys):
     assert "no runs in" in out
 
 
-def test_cli_corrupt_image_one_line_error(tmp_path, capsys, caplog):
+def test_cli_corrupt_image_listed_before_training(tmp_path, capsys, caplog):
     data = tmp_path / "demo"
     cli(capsys, "make-demo", str(data), "--train-rows", "20", "--test-rows", "2", "--image-size", "32")
     (data / "data" / "5.jpg").write_text("not an image")
     code, _ = cli(capsys, "train", "--data", str(data), "--image-size", "32", "--epochs", "1", "--workers", "1",
                   "--normalization", "none", "--runs-dir", str(tmp_path / "runs"), "--run-name", "bad")
     assert code == 1
-    assert "5.jpg: cannot decode image" in caplog.text
-    assert "Original Traceback" not in caplog.text
-    log = (tmp_path / "runs" / "bad" / "train.log").read_text()
-    assert "run bad failed" in log
-    code, out = cli(capsys, "runs", "--runs-dir", str(tmp_path / "runs"))
-    assert "failed" in out
+    assert "(5.jpg): not an image file Pillow can read" in caplog.text
+    assert "--skip-bad-rows" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not (tmp_path / "runs" / "bad").exists()
 
 
 def test_cli_predict_top_must_be_positive(tmp_path, demo_dataset, capsys, caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 from pathlib import Path
@@ -16,8 +17,10 @@ from core.datasets import (
     AUGMENTATIONS,
     CaptionedImages,
     DatasetError,
+    ImageChecks,
     build_transform,
     channel_stats,
+    check_image,
     collate_rows,
     load_dataset,
     open_image,
@@ -264,9 +267,26 @@ def test_load_dataset_test_csv_without_labels(tmp_path):
 
 def test_read_table_duplicate_image_id(tmp_path):
     path = _write(tmp_path / "train.csv", "ImageID,Labels,Caption\n1.jpg,1,a\n2.jpg,1,b\n1.jpg,2,c\n")
-    with pytest.raises(DatasetError, match=r"line 4: duplicate ImageID '1\.jpg' \(first on line 2\)") as error:
+    with pytest.raises(DatasetError, match=r"line 4 \(1\.jpg\): duplicate ImageID \(first on line 2\)") as error:
         read_table(path)
     assert str(path) in str(error.value)
+
+
+def test_read_table_collects_skipped_rows(tmp_path):
+    path = _write(tmp_path / "train.csv", "ImageID,Labels,Caption\n1.jpg,1,a\n2.jpg,x,b\n1.jpg,2,c\n3.jpg,3,d\n")
+    skipped = []
+    frame = read_table(path, skipped=skipped)
+    assert frame["ImageID"].tolist() == ["1.jpg", "3.jpg"]
+    assert [(row.file, row.line, row.image_id) for row in skipped] == [("train.csv", 3, "2.jpg"), ("train.csv", 4, "1.jpg")]
+    assert "not an integer" in skipped[0].reason
+    assert "duplicate ImageID (first on line 2)" in skipped[1].reason
+
+
+def test_read_table_unclosed_quote_raises_even_when_skipping(tmp_path):
+    # The rows after an unclosed quote cannot be told apart, so skipping it would lose them silently.
+    path = _write(tmp_path / "train.csv", 'ImageID,Labels,Caption\n1.jpg,1,"a cat\n2.jpg,1,a dog\n3.jpg,2,a cow\n')
+    with pytest.raises(DatasetError, match="opens a quote that is not closed"):
+        read_table(path, skipped=[])
 
 
 def test_read_table_empty_image_id(tmp_path):
@@ -286,7 +306,7 @@ def test_read_table_lists_every_bad_row(tmp_path):
     message = str(error.value)
     assert "line 2 (0.jpg)" in message
     assert "line 4 (2.jpg)" in message
-    assert "line 5: duplicate" in message
+    assert "line 5 (1.jpg): duplicate" in message
 
 
 def test_read_table_many_bad_rows_truncated(tmp_path):
@@ -312,7 +332,7 @@ def test_read_table_unquoted_commas_joined(tmp_path, caplog):
 def test_read_table_unquoted_commas_not_last(tmp_path):
     # When Caption is not the last column, extra fields cannot be joined back safely.
     path = _write(tmp_path / "train.csv", "ImageID,Caption,Labels\n1.jpg,a cat, a dog,1\n")
-    with pytest.raises(DatasetError, match="line 2: 4 fields, expected 3") as error:
+    with pytest.raises(DatasetError, match=r"line 2 \(1\.jpg\): 4 fields, expected 3") as error:
         read_table(path)
     assert str(path) in str(error.value)
 
@@ -442,13 +462,14 @@ def test_read_table_missing_caption_column_warns(tmp_path, caplog):
     assert "no Caption column (other columns: ['Captions'])" in caplog.text
 
 
-def test_check_images_exist_outside_folder_line(tmp_path):
+def test_image_problems_outside_folder_line(tmp_path):
     root = tmp_path / "set"
     _solid_image(root / "data" / "1.jpg", (1, 2, 3))
     _write(root / "train.csv", "ImageID,Labels,Caption\n1.jpg,1,a\n../x.jpg,1,b\n")
     folder = load_dataset(root)
-    with pytest.raises(DatasetError, match=r"line 3: ImageID '\.\./x\.jpg' points outside"):
-        folder.check_images_exist(folder.train)
+    problems = folder.image_problems(folder.train)
+    assert [(problem.line, problem.image_id) for problem in problems] == [(3, "../x.jpg")]
+    assert re.match(r"line 3 \(\.\./x\.jpg\): ImageID '\.\./x\.jpg' points outside", problems[0].describe())
 
 
 # ----------------------------------------------------------------------------- label names and targets
@@ -725,15 +746,17 @@ def test_open_image_exif_rotation(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, content",
-    [("empty.jpg", b""), ("notes.jpg", b"this is not an image\n")],
+    "name, content, reason",
+    [("empty.jpg", b"", "empty file (0 bytes)"),
+     ("notes.jpg", b"this is not an image\n", "not an image file Pillow can read")],
     ids=["zero-byte", "text"],
 )
-def test_open_image_not_an_image(tmp_path, name, content):
+def test_open_image_not_an_image(tmp_path, name, content, reason):
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=re.escape(f"{path}: cannot decode image")):
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {reason}")):
         open_image(path)
+    assert check_image(path).startswith(reason)
 
 
 def test_open_image_truncated_jpeg(tmp_path):
@@ -744,6 +767,74 @@ def test_open_image_truncated_jpeg(tmp_path):
     truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     with pytest.raises(ValueError, match=re.escape(str(truncated))):
         open_image(truncated)
+
+
+def test_check_image_truncated_jpeg(tmp_path):
+    full = tmp_path / "full.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(full)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    assert check_image(full) is None
+    assert "truncated" in check_image(truncated)
+
+
+@pytest.mark.parametrize("format", ["PNG", "WEBP"])
+def test_open_image_other_format_behind_jpg_name(tmp_path, format):
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (6, 4), (0, 128, 255)).save(path, format=format, lossless=True)
+    assert check_image(path) is None
+    assert np.asarray(open_image(path))[0, 0].tolist() == [0, 128, 255]
+
+
+@pytest.mark.parametrize(
+    "size, reason",
+    # Pillow itself refuses the larger one on opening; the smaller one only makes it warn.
+    [((20_000, 20_000), "400,000,000 pixels is more than"), ((10_000, 10_000), "10000 x 10000 pixels is more than")],
+    ids=["beyond-pillow-limit", "between-limits"],
+)
+def test_open_image_decompression_bomb_rejected(tmp_path, size, reason):
+    # A 1-bit PNG of this size is a few kilobytes but would decode to gigabytes of RGB.
+    path = tmp_path / "bomb.png"
+    Image.new("1", size).save(path, optimize=True)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ValueError, match=re.escape(f"bomb.png: {reason} the 89,478,485 allowed")):
+        open_image(path)
+    assert check_image(path).startswith(reason)
+
+
+def test_image_checks_cache_reused_and_invalidated(tmp_path):
+    good = _solid_image(tmp_path / "a.png", (1, 2, 3))
+    cache = tmp_path / "cache" / "checks.json"
+    assert ImageChecks(cache).check([good]) == [None]
+    assert cache.is_file()
+
+    # A second instance reads the answer from the file instead of decoding the image again.
+    known = json.loads(cache.read_text())
+    known[str(good)][2] = "remembered"
+    cache.write_text(json.dumps(known))
+    assert ImageChecks(cache).check([good]) == ["remembered"]
+
+    # Changing the file (its size and time) invalidates the remembered answer.
+    good.write_bytes(b"no longer an image, and a different size")
+    assert ImageChecks(cache).check([good])[0].startswith("not an image file")
+
+
+def test_image_checks_unreadable_cache_ignored(tmp_path, caplog):
+    good = _solid_image(tmp_path / "a.png", (1, 2, 3))
+    cache = tmp_path / "checks.json"
+    cache.write_text("{not json")
+    assert ImageChecks(cache).check([good]) == [None]
+    assert "ignored the unreadable image check cache" in caplog.text
+
+
+def test_unused_images_lists_files_without_rows(tmp_path):
+    root = tmp_path / "set"
+    for name in ("1.jpg", "2.jpg", "extra.jpg", "sub/3.jpg"):
+        _solid_image(root / "data" / name, (1, 2, 3))
+    (root / "data" / ".DS_Store").write_bytes(b"")
+    _write(root / "train.csv", "ImageID,Labels,Caption\n1.jpg,1,a\nsub/3.jpg,1,b\n")
+    _write(root / "test.csv", "ImageID,Caption\n2.jpg,c\n")
+    assert load_dataset(root).unused_images() == ["extra.jpg"]
 
 
 def test_open_image_real_photos(coco_mini):
@@ -890,7 +981,8 @@ def test_load_dataset_coco_mini(coco_mini):
     assert dataset.test is not None
     assert len(dataset.test) == 19
     assert set(dataset.labels) <= set(range(1, 20))
-    dataset.check_images_exist(dataset.train)
+    assert dataset.image_problems(dataset.train, ImageChecks().check) == []
+    assert dataset.unused_images() == []
 
 
 def test_captioned_images_real_photos(coco_mini):

@@ -40,11 +40,13 @@ def _checkpoint() -> dict:
         "model": {"fc.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "fc.bias": torch.zeros(2)},
         "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "params": [0, 1]}]},
         "scheduler": None,
+        "scaler": {},
         "epoch": 4,
         "best_metric": 0.625,
+        "history": [{"time": 1700000000.0, "event": "epoch_end", "epoch": 1, "samples_f1_score": 0.5}],
         "config": {"model": "cnn2", "captions": True, "epochs": 10},
         "labels": ["1", "2", "19"],
-        "format_version": 1,
+        "format_version": 2,
     }
 
 
@@ -114,7 +116,8 @@ def test_save_checkpoint_round_trip(tmp_path):
     assert loaded["best_metric"] == 0.625
     assert [entry.name for entry in tmp_path.iterdir()] == ["best.pt"]
     # The file itself loads with torch's weights-only unpickler.
-    assert torch.load(path, weights_only=True)["format_version"] == 1
+    assert torch.load(path, weights_only=True)["format_version"] == 2
+    assert loaded["history"] == checkpoint["history"]
 
 
 def test_save_checkpoint_missing_key(tmp_path):

@@ -14,6 +14,7 @@ from core.metrics import decide, f1_scores, most_frequent_label_predictions
 from core.runs import CHECKPOINT_KEYS, load_checkpoint, read_progress
 from core.trainer import (
     TrainConfig,
+    create_run,
     pos_weights,
     row_sample_weights,
     select_device,
@@ -102,23 +103,34 @@ def test_train_caption_only_real_captions(captions_csv, tmp_path):
 def test_train_missing_images_leaves_no_run(tmp_path):
     data = make_demo(tmp_path / "demo", train_rows=20, test_rows=0, image_size=32)
     (data / "data" / "3.jpg").unlink()
-    with pytest.raises(datasets.DatasetError, match=r"'3\.jpg' not found"):
+    with pytest.raises(datasets.DatasetError, match=r"\(3\.jpg\): image not found in") as error:
         train(_config(data, tmp_path / "runs"))
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert "--skip-bad-rows" in str(error.value)
+    assert not (tmp_path / "runs").exists() or not [path for path in (tmp_path / "runs").iterdir() if path.name != ".cache"]
 
 
-def test_train_corrupt_image_recorded_as_failed(tmp_path):
-    # Images are decoded during training, so a corrupt one fails the run with a one-line cause.
+def test_train_image_broken_after_start_recorded_as_failed(tmp_path):
+    # The run folder exists when an image breaks between the check and training: the run records the cause.
     data = make_demo(tmp_path / "demo", train_rows=20, test_rows=0, image_size=32)
+    config = _config(data, tmp_path / "runs", normalization="none")
+    run_dir = create_run(config)
     (data / "data" / "3.jpg").write_text("not an image")
-    with pytest.raises(ValueError, match=r"3\.jpg: cannot decode image"):
-        train(_config(data, tmp_path / "runs", normalization="none"))
+    with pytest.raises(ValueError, match=r"\(3\.jpg\): not an image file"):
+        train(config, run_dir)
 
-    run_dir = next((tmp_path / "runs").iterdir())
     events = read_progress(run_dir / "progress.jsonl")
     assert events[-1]["event"] == "run_failed"
-    assert "3.jpg: cannot decode image" in events[-1]["message"]
+    assert "3.jpg" in events[-1]["message"]
     assert "Traceback" not in events[-1]["message"]
+
+
+def test_captioned_images_names_undecodable_file(tmp_path):
+    # Images are decoded again while training; a file broken meanwhile is named in the error.
+    path = tmp_path / "3.jpg"
+    path.write_text("not an image")
+    dataset = datasets.CaptionedImages([path], ["a"], np.zeros((1, 2), np.float32), 32, None)
+    with pytest.raises(ValueError, match=r"3\.jpg: not an image file"):
+        dataset[0]
 
 
 def test_train_without_captions_column(tmp_path):
