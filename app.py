@@ -111,6 +111,14 @@ def home() -> None:
         st.warning("This dataset has no data/ folder, so only the caption_only model can train on it.")
     elif summary.images_found < summary.rows:
         st.warning(f"{summary.rows - summary.images_found:,} training rows have no image file in data/.")
+    if summary.invalid_rows:
+        shown = summary.invalid_rows[:10]
+        more = f"  \n... and {len(summary.invalid_rows) - len(shown)} more" if len(summary.invalid_rows) > 10 else ""
+        st.warning(
+            f"{len(summary.invalid_rows):,} rows of train.csv are invalid and left out of the counts and charts. "
+            "Training stops on them unless **Skip bad rows** is ticked on the Train page:  \n"
+            + "  \n".join(shown) + more
+        )
 
     st.subheader("Runs")
     problems: list[str] = []

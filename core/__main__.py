@@ -284,6 +284,9 @@ def command_evaluate(args: argparse.Namespace) -> int:
          f"macro F1 {result['macro_f1_score']:.4f}   (threshold {result['threshold']:.2f})")
     if result["tuned"] is not None:
         _out(f"with the run's tuned thresholds: samples F1 {result['tuned']['samples_f1_score']:.4f}")
+    if result["unknown_labels"]:
+        _out(f"left out of the scores, because the run never saw them: labels "
+             f"{', '.join(map(str, result['unknown_labels']))}")
     _out()
     _out(f"{'label':>6}  {'name':<16} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}")
     for row in result["per_label"]:

@@ -168,7 +168,7 @@ def read_table(
             at least one integer label per row.
         skipped: None to raise on the first invalid rows; a list to append each
             invalid row to instead, leaving it out of the result. A caption with an
-            unclosed quote raises either way, because the rows after it cannot be told apart.
+            unclosed quote raises either way, because the rows after it cannot be distinguished.
 
     Returns:
         A DataFrame with columns ImageID (str), Labels (list of int, empty when the
@@ -406,7 +406,8 @@ def load_dataset(root: str | os.PathLike, skipped: list[SkippedRow] | None = Non
 
     train = read_table(train_csv, require_labels=True, skipped=skipped)
     if train.empty and skipped:
-        raise DatasetError(f"{train_csv}: none of its {len(skipped)} row(s) is valid, for example {skipped[0].describe()}")
+        raise DatasetError(format_problems(train_csv, [row.describe() for row in skipped],
+                                           "No row is valid; fix them and load the file again."))
     if train.empty:
         raise DatasetError(f"{train_csv}: header only, no rows; add at least one labelled row")
     test_csv = root / "test.csv"

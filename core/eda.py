@@ -203,9 +203,10 @@ def dataset_statistics(root: str | os.PathLike) -> DatasetStatistics:
 
     Raises:
         FileNotFoundError: the folder or its train.csv is missing.
-        ValueError: train.csv is invalid. The message lists the rows and the fix.
+        ValueError: train.csv cannot be read at all. Invalid rows are left out
+            (the home page lists them).
     """
-    folder = datasets.load_dataset(root)
+    folder = datasets.load_dataset(root, skipped=[])
     labels = folder.labels
     names = display_names(labels, folder.label_names)
     targets = datasets.targets_from_labels(folder.train["Labels"], labels).astype(bool)  # (rows, labels)

@@ -34,6 +34,7 @@ from core.runs import (
     process_alive,
     read_json,
     read_progress,
+    summarize_run,
     write_json,
 )
 from core.trainer import TrainConfig
@@ -163,6 +164,38 @@ def enqueue(args: list[str], run_name: str, runs_dir: str | os.PathLike = DEFAUL
         raise ValueError(f"run name {run_name!r} is already used; choose another")
     job = Job(id=run_name, run_name=run_name, args=[*args, "--run-name", run_name, "--runs-dir", str(runs_dir)])
     jobs_dir(runs_dir).mkdir(parents=True, exist_ok=True)
+    _save(runs_dir, job)
+    logger.info("queued job %s", job.id)
+    if start_worker:
+        ensure_worker(runs_dir)
+    return job
+
+
+def resumable(run_name: str, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> bool:
+    """Return True when a run stopped early with a last.pt and no job is queued or running for it."""
+    run_dir = Path(runs_dir) / run_name
+    if not (run_dir / "last.pt").is_file() or (run_dir / "metrics.json").is_file():
+        return False
+    if any(job.run_name == run_name and job.state in ("queued", "running") for job in list_jobs(runs_dir)):
+        return False
+    try:
+        return summarize_run(run_dir).status in ("interrupted", "failed")
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def enqueue_resume(run_name: str, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, start_worker: bool = True) -> Job:
+    """Queue `python -m core train --resume RUN_NAME`, which continues the run in its own folder.
+
+    The job id is RUN_NAME-resume-N, so the job that first trained the run keeps its record.
+    """
+    check_run_name(run_name)
+    if not resumable(run_name, runs_dir):
+        raise ValueError(f"run {run_name} cannot be resumed: it finished, has no last.pt, or is queued or running")
+    taken = {job.id for job in list_jobs(runs_dir)}
+    job_id = next(f"{run_name}-resume-{number}" for number in range(1, len(taken) + 2)
+                  if f"{run_name}-resume-{number}" not in taken)
+    job = Job(id=job_id, run_name=run_name, args=["--resume", run_name, "--runs-dir", str(runs_dir)])
     _save(runs_dir, job)
     logger.info("queued job %s", job.id)
     if start_worker:

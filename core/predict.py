@@ -240,9 +240,15 @@ def evaluate_run(
         images = Path(image_dir) if image_dir else Path(csv_path).parent / datasets.IMAGE_DIR_NAME
         source = str(csv_path)
 
-    unknown = sorted({label for row in rows["Labels"] for label in row} - set(predictor.labels))
+    known = set(predictor.labels)
+    unknown = sorted({label for row in rows["Labels"] for label in row} - known)
     if unknown:
-        logger.warning("labels %s are not in the run's label set and are ignored in the scores", unknown)
+        lines = [line for line, labels in zip(rows["line"], rows["Labels"]) if set(labels) - known]
+        logger.warning(
+            "label(s) %s of %s (on %d row(s), first on line %d) are not in run %s's label set, so the model cannot "
+            "predict them; they are left out of the scores", ", ".join(map(str, unknown)), source, len(lines),
+            lines[0], run_dir.name,
+        )
     targets = datasets.targets_from_labels(rows["Labels"], predictor.labels)
     probs = predictor.predict_rows(rows, images if predictor.uses_images else None,
                                    workers=default_workers_for(predictor))

@@ -160,11 +160,11 @@ def restart_progress(path: Path, epoch: int, history: list[dict[str, Any]]) -> N
     `epoch` appears exactly once even if the process stopped between saving the
     checkpoint and writing the event.
     """
-    kept = [
+    earlier = [
         event for event in read_progress(path)
         if event["event"] != "epoch_end" and not (isinstance(event.get("epoch"), int) and event["epoch"] > epoch)
     ]
-    merged = sorted(kept + list(history), key=lambda event: float(event.get("time", 0.0)))
+    merged = sorted(earlier + list(history), key=lambda event: float(event.get("time", 0.0)))
     text = "".join(json.dumps(event, allow_nan=False) + "\n" for event in merged)
     atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
 
@@ -214,7 +214,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock for the duration of the block.
 
     Raises:
-        RunInUseError: another process holds it; the message gives that process's id.
+        RunInUseError: another process has the lock; the message gives that process's id.
     """
     path = Path(run_dir) / LOCK_FILE
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -299,13 +299,15 @@ def summarize_run(path: Path) -> RunSummary:
     started = next((event for event in reversed(events) if event["event"] == "run_started"), None)
 
     error = None
-    if final is not None and final["event"] == "run_finished":
+    if run_locked(path):
+        status = "running"  # a process has the lock, such as a resumed run before its first event
+    elif final is not None and final["event"] == "run_finished":
         status = "finished"
     elif final is not None and final.get("error_type") == "KeyboardInterrupt":
         status, error = "interrupted", final.get("message")
     elif final is not None:
         status, error = "failed", f"{final.get('error_type')}: {final.get('message')}"
-    elif run_locked(path) or (started is not None and process_alive(started.get("pid"))):
+    elif started is not None and process_alive(started.get("pid")):
         status = "running"
     else:
         status = "interrupted"

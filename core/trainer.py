@@ -673,7 +673,7 @@ def resume(run_dir: Path) -> Path:
 
     Raises:
         RunInUseError: another process is training the run.
-        ValueError, FileNotFoundError: the run cannot be resumed; the message says why.
+        ValueError, FileNotFoundError: the run cannot be resumed; the message gives the reason.
     """
     run_dir = Path(run_dir)
     with run_lock(run_dir):
@@ -818,7 +818,7 @@ def _train_in(
 
 @dataclass
 class TrainingState:
-    """What changes from epoch to epoch, and what last.pt saves of it."""
+    """Training state that changes from epoch to epoch; last.pt saves it."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer

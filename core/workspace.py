@@ -63,15 +63,18 @@ class DatasetSummary:
     images_found: int  # training rows whose image file exists
     test_rows: int | None  # None when there is no test.csv
     is_demo: bool
+    invalid_rows: list[str]  # rows of train.csv left out because they are invalid, described
 
 
 def summarize_dataset(root: str | os.PathLike) -> DatasetSummary:
-    """Load a dataset folder and count what it contains.
+    """Load a dataset folder and count what it contains; invalid rows are counted, not fatal.
 
     Raises:
-        FileNotFoundError, ValueError: the folder or its train.csv is missing or invalid.
+        FileNotFoundError, ValueError: the folder or its train.csv is missing, or train.csv
+            cannot be read at all (no header, a missing column, an unclosed quote).
     """
-    folder = datasets.load_dataset(root)
+    skipped: list[datasets.SkippedRow] = []
+    folder = datasets.load_dataset(root, skipped)
     images_found = 0
     if folder.image_dir is not None:
         names = set(os.listdir(folder.image_dir))
@@ -85,6 +88,7 @@ def summarize_dataset(root: str | os.PathLike) -> DatasetSummary:
         images_found=images_found,
         test_rows=len(folder.test) if folder.test is not None else None,
         is_demo=is_demo_dataset(folder.root),
+        invalid_rows=[row.describe() for row in skipped],
     )
 
 

@@ -23,7 +23,7 @@ def load_predictor(run_dir: str, checkpoint_mtime_ns: int) -> Predictor:
 
 @st.cache_data(show_spinner=False)
 def sample_rows(version: tuple[str, int, int]) -> tuple[list[int], list[dict]]:
-    folder = datasets.load_dataset(Path(version[0]).parent)
+    folder = datasets.load_dataset(Path(version[0]).parent, skipped=[])
     rows = folder.train.head(SAMPLE_COUNT)
     return folder.labels, [
         {"ImageID": image_id, "Caption": caption, "labels": [folder.label_names[label] for label in labels],

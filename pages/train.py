@@ -72,6 +72,10 @@ def settings_form_ui(model: str) -> tuple[TrainConfig | None, str | None, str]:
                                              help="auto: the pretrained weights' statistics, else the images' own.")
         device = columns[2].selectbox("Device", available_devices(), help="auto picks CUDA, then Apple MPS, then CPU.")
         run_name = columns[3].text_input("Run name (optional)", help="Letters, digits, '.', '_' and '-'.")
+        skip_bad_rows = st.checkbox(
+            "Skip bad rows", value=False,
+            help="Leave out rows that are invalid or whose image is missing or unreadable, and list them in the "
+                 "run folder's skipped_rows.csv. Without it, such rows stop the run before training.")
 
         columns = st.columns([1, 2, 3])
         queue_one = columns[0].form_submit_button("Queue run", type="primary")
@@ -87,15 +91,15 @@ def settings_form_ui(model: str) -> tuple[TrainConfig | None, str | None, str]:
         batch_norm=batch_norm, conv_layers=conv_layers, fc_layers=None if fc_choice == "model default" else fc_choice,
         image_size=int(image_size) if spec.uses_images else None, normalization=normalization, augment=list(augment),
         loss=loss, pos_weight=pos_weight, sampler=sampler, optimizer=optimizer, lr=float(lr), epochs=int(epochs),
-        batch_size=int(batch_size), scheduler=scheduler, device=device,
+        batch_size=int(batch_size), scheduler=scheduler, device=device, skip_bad_rows=skip_bad_rows,
     )
     return config, run_name.strip() or None, "ablation" if queue_ablation else "run"
 
 
-def follow(run_name: str) -> None:
+def follow(job_id: str) -> None:
     # Runs before the "Follow run" selectbox of this script run exists, so its state may be set.
-    st.session_state["train_selected_job"] = run_name
-    st.session_state["train_follow"] = run_name
+    st.session_state["train_selected_job"] = job_id
+    st.session_state["train_follow"] = job_id
 
 
 def queue_ui(config: TrainConfig, run_name: str | None, action: str) -> None:
@@ -146,7 +150,7 @@ def job_detail_ui(job: jobs.Job) -> None:
     if job.state in ("queued", "running"):
         if st.button("Cancel", key=f"cancel-{job.id}", help="A running job stops after its current step."):
             jobs.cancel(job.id, runs_dir)
-            st.rerun(scope="fragment")
+            st.rerun()
 
     if progress is not None and progress.history:
         columns = st.columns(2)
@@ -162,6 +166,17 @@ def job_detail_ui(job: jobs.Job) -> None:
         final = final_event(read_progress(run_dir / "progress.jsonl"))
         if final is not None and final["event"] == "run_failed":
             st.error(f"{final.get('error_type')}: {final.get('message')}")
+    if job.state in ("cancelled", "failed") and jobs.resumable(job.run_name, runs_dir):
+        done = len(progress.history) if progress is not None else 0
+        if st.button(f"Resume after epoch {done}", key=f"resume-{job.id}",
+                     help="Queue a job that continues this run in its folder, with its own settings."):
+            try:
+                resumed = jobs.enqueue_resume(job.run_name, runs_dir)
+            except ValueError as error:
+                st.error(str(error))
+            else:
+                st.session_state["train_pending_follow"] = resumed.id
+                st.rerun()
     log = tail_text(run_dir / "train.log") if has_run else ""
     log = log or tail_text(jobs.log_path(runs_dir, job.id))
     with st.expander("Log", expanded=job.state == "failed"):
@@ -182,21 +197,23 @@ def jobs_ui() -> None:
             jobs.ensure_worker(runs_dir)
 
     table = pd.DataFrame([
-        {"run": job.run_name, "state": job.state,
+        {"run": job.id, "state": job.state,
          "queued at": datetime.fromtimestamp(job.created).strftime("%H:%M:%S"),
          "minutes": round(((job.ended or datetime.now().timestamp()) - job.started) / 60, 1) if job.started else None}
         for job in reversed(all_jobs)
     ])
     st.dataframe(table, hide_index=True, width="stretch", placeholder="-")
 
-    names = [job.run_name for job in reversed(all_jobs)]
-    running = next((job.run_name for job in all_jobs if job.state == "running"), None)
+    names = [job.id for job in reversed(all_jobs)]
+    running = next((job.id for job in all_jobs if job.state == "running"), None)
+    if "train_pending_follow" in st.session_state:
+        follow(st.session_state.pop("train_pending_follow"))
     selected = st.session_state.get("train_selected_job")
     if selected not in names:
         selected = running or names[0]
     choice = st.selectbox("Follow run", names, index=names.index(selected), key="train_follow")
     st.session_state["train_selected_job"] = choice
-    job_detail_ui(next(job for job in all_jobs if job.run_name == choice))
+    job_detail_ui(next(job for job in all_jobs if job.id == choice))
 
 
 def main() -> None:

@@ -206,7 +206,7 @@ def test_thumbnail_jpeg_size(tmp_path):
 def test_thumbnail_jpeg_errors(tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="broken.jpg: cannot decode image"):
+    with pytest.raises(ValueError, match="broken.jpg: not an image file Pillow can read"):
         eda.thumbnail_jpeg(broken)
     with pytest.raises(FileNotFoundError, match="missing.jpg not found"):
         eda.thumbnail_jpeg(tmp_path / "missing.jpg")

@@ -40,7 +40,7 @@ def _config_from_arguments(arguments: list[str]) -> TrainConfig:
         {"model": "resnet18", "pretrained": False, "freeze_backbone": True, "image_size": 64},
         {"captions": False, "dropout": 0.0, "batch_norm": True, "conv_layers": 5, "fc_layers": 3},
         {"augment": [], "pos_weight": True, "sampler": "weighted", "optimizer": "sgd", "lr": 0.01},
-        {"model": "caption_only", "amp": False, "tune_thresholds": False, "limit": 100, "seed": 7},
+        {"model": "caption_only", "amp": False, "tune_thresholds": False, "limit": 100, "seed": 7, "skip_bad_rows": True},
         {"ablation_group": "g", "ablation_variant": "no_dropout", "normalization": "imagenet", "device": "cpu"},
     ],
 )
@@ -253,3 +253,35 @@ def _dead_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+def test_resume_job_continues_interrupted_run(tmp_path, monkeypatch):
+    import core.trainer as trainer
+
+    data = _caption_dataset(tmp_path / "captions")
+    runs = tmp_path / "runs"
+    original = trainer.train_one_epoch
+
+    def interrupt_second_epoch(*args, **kwargs):
+        if args[7] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(TrainConfig(data=str(data), model="caption_only", epochs=3, runs_dir=str(runs), run_name="cut"))
+    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    assert jobs.resumable("cut", runs)
+
+    job = jobs.enqueue_resume("cut", runs, start_worker=False)
+    assert job.id == "cut-resume-1" and job.run_name == "cut"
+    assert not jobs.resumable("cut", runs)  # queued already
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        jobs.enqueue_resume("cut", runs, start_worker=False)
+
+    assert jobs.work_queue(runs) == 1
+    assert jobs.load_job(runs, job.id).state == "finished"
+    epochs = [event["epoch"] for event in read_progress(runs / "cut" / "progress.jsonl") if event["event"] == "epoch_end"]
+    assert epochs == [1, 2, 3]
+    assert summarize_run(runs / "cut").status == "finished"
+    assert not jobs.resumable("cut", runs)

@@ -103,6 +103,24 @@ def test_home_caption_only_dataset_warning(dashboard_env, captions_csv):
     assert "only the caption_only model can train" in _texts(app)
 
 
+def test_home_lists_invalid_rows_and_keeps_working(dashboard_env):
+    train_csv = dashboard_env["demo"] / "train.csv"
+    lines = train_csv.read_text().splitlines()
+    lines[2] = lines[2].split(",")[0] + ",seven," + lines[2].split(",", 2)[2]
+    lines.append(lines[1])  # a duplicate ImageID
+    train_csv.write_text("\n".join(lines) + "\n")
+    app = _app()
+    assert not app.exception
+    warning = "\n".join(str(element.value) for element in app.warning)
+    assert "2 rows of train.csv are invalid" in warning
+    assert "line 3 (1.jpg): label 'seven' is not an integer" in warning
+    assert "duplicate ImageID (first on line 2)" in warning
+    assert app.metric[0].value == "59"  # 61 rows, two of them invalid
+    app.switch_page("pages/dataset.py")
+    app.run()
+    assert not app.exception
+
+
 def test_home_lists_runs(dashboard_env):
     train(TrainConfig(data=str(dashboard_env["demo"]), model="caption_only", epochs=1,
                       runs_dir=str(dashboard_env["runs"]), run_name="listed"))
@@ -169,6 +187,56 @@ def test_train_page_invalid_setting_message(dashboard_env):
     assert not app.exception
     assert "invalid run name" in _texts(app)
     assert jobs.list_jobs(dashboard_env["runs"]) == []
+
+
+def test_train_page_resumes_cancelled_run(dashboard_env, monkeypatch):
+    import core.trainer as trainer
+
+    runs = dashboard_env["runs"]
+    original = trainer.train_one_epoch
+
+    def interrupt_second_epoch(*args, **kwargs):
+        if args[7] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(data=str(dashboard_env["demo"]), model="caption_only", epochs=2,
+                          runs_dir=str(runs), run_name="cut"))
+    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    # Record the run as a cancelled dashboard job, as Cancel leaves it.
+    job = jobs.enqueue(["--model", "caption_only"], "cut-job", runs, start_worker=False)
+    job.run_name, job.state = "cut", "cancelled"
+    jobs._save(runs, job)
+
+    app = _open_page("pages/train.py")
+    assert not app.exception
+    app.button(key="resume-cut-job").click()
+    app.run()
+    assert not app.exception
+    finished = _wait_for_jobs(runs)
+    assert {job.id: job.state for job in finished} == {"cut-job": "cancelled", "cut-resume-1": "finished"}
+    app.run()
+    assert app.selectbox(key="train_follow").value == "cut-resume-1"
+    progress_texts = [element.proto.text for element in app.get("progress")]
+    assert any("Finished: Epoch 2/2" in text for text in progress_texts)
+
+
+def test_train_page_skip_bad_rows_option(dashboard_env):
+    (dashboard_env["demo"] / "data" / "3.jpg").write_bytes(b"")
+    app = _open_page("pages/train.py")
+    app.selectbox[0].set_value("cnn2")
+    app.run()
+    next(widget for widget in app.number_input if widget.label == "Epochs").set_value(1)
+    next(widget for widget in app.checkbox if widget.label == "Skip bad rows").check()
+    app.text_input[0].set_value("skipping")
+    app.button(key="FormSubmitter:train_settings-Queue run").click()
+    app.run()
+    assert not app.exception
+    assert [job.state for job in _wait_for_jobs(dashboard_env["runs"])] == ["finished"]
+    skipped = (dashboard_env["runs"] / "skipping" / "skipped_rows.csv").read_text()
+    assert "3.jpg,empty file (0 bytes)" in skipped
 
 
 # ----------------------------------------------------------------------------- predict
