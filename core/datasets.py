@@ -54,6 +54,7 @@ COLUMNS = ("ImageID", "Labels", "Caption")
 IMAGE_DIR_NAME = "data"
 LABEL_NAMES_FILE = "labels.csv"
 MAX_PROBLEMS_SHOWN = 20
+LABEL_LIST = re.compile(r"\s*\d+(\s+\d+)*\s*")  # a Labels field: space-separated integer ids
 AUGMENTATIONS = ("hflip", "vflip", "jitter", "sharpness")
 
 
@@ -71,7 +72,8 @@ class SkippedRow:
     reason: str
 
     def describe(self) -> str:
-        where = f"line {self.line}" + (f" ({self.image_id})" if self.image_id else "")
+        shown = self.image_id if self.image_id.isprintable() else repr(self.image_id)
+        where = f"line {self.line}" + (f" ({shown})" if self.image_id else "")
         return f"{where}: {self.reason}"
 
 
@@ -214,7 +216,7 @@ def _read_records(
     problems: list[SkippedRow] = []
     unclosed: list[SkippedRow] = []
     seen: dict[str, int] = {}
-    joined_rows = 0
+    joined_rows: list[int] = []  # lines whose unquoted caption commas were joined back
     line = reader.line_num + 1
     for fields in reader:
         start, line = line, reader.line_num + 1
@@ -231,11 +233,19 @@ def _read_records(
             if not caption_last:
                 reject(f"{len(fields)} fields, expected {width}; quote fields that contain commas")
                 continue
+            if "Labels" in positions and positions["Labels"] == width - 2 and LABEL_LIST.fullmatch(fields[width - 1]):
+                # "1.jpg,3,4,A dog": the label ids were separated by commas, not a caption with commas.
+                reject(f"labels look comma-separated ({','.join(fields[width - 2 : width])}); separate label ids "
+                       "with spaces, or quote a caption that starts with a number")
+                continue
             fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
-            joined_rows += 1
+            joined_rows.append(start)
 
         if not image_id:
             reject("empty ImageID")
+            continue
+        if any(ord(char) < 32 or ord(char) == 127 for char in image_id):
+            reject(f"ImageID {image_id!r} contains a control character; remove it")
             continue
         if image_id in seen:
             reject(f"duplicate ImageID (first on line {seen[image_id]})")
@@ -269,7 +279,9 @@ def _read_records(
         skipped.extend(problems)
         logger.warning("%s: left out %d invalid row(s)", path, len(problems))
     if joined_rows:
-        logger.warning("%s: %d row(s) had unquoted commas in the caption; the fields were joined back", path, joined_rows)
+        shown = ", ".join(map(str, joined_rows[:5])) + (" and more" if len(joined_rows) > 5 else "")
+        logger.warning("%s: %d row(s) had unquoted commas in the caption (lines %s); the fields were joined back",
+                       path, len(joined_rows), shown)
     return records
 
 
@@ -379,7 +391,10 @@ class DatasetFolder:
 
 def resolve_image_path(image_dir: Path, image_id: str) -> Path:
     """Join an ImageID to the image folder, rejecting ids that point outside it."""
-    candidate = (image_dir / image_id).resolve()
+    try:
+        candidate = (image_dir / image_id).resolve()
+    except (RuntimeError, OSError) as error:  # Python 3.11 raises RuntimeError for a symlink loop
+        raise DatasetError(f"ImageID {image_id!r} cannot be resolved ({error}); replace the symlink with the image") from error
     root = image_dir.resolve()
     if os.path.isabs(image_id) or root not in candidate.parents:
         raise DatasetError(f"ImageID {image_id!r} points outside {image_dir}; use a file name inside that folder")
@@ -511,6 +526,9 @@ MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression bomb limit (about 9,500 
 
 
 BOMB_ADVICE = "which protects against decompression bombs; downscale the image or remove it"
+# check_dimensions rejects the sizes that Pillow only warns about, so its warning would repeat the error.
+# A module-level filter, because warnings.catch_warnings is not thread-safe and ImageChecks uses threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def check_dimensions(image: Image.Image, name: str | os.PathLike) -> None:
@@ -520,13 +538,6 @@ def check_dimensions(image: Image.Image, name: str | os.PathLike) -> None:
         raise ValueError(
             f"{name}: {width} x {height} pixels is more than the {MAX_IMAGE_PIXELS:,} allowed, {BOMB_ADVICE}"
         )
-
-
-def _open(path: str | os.PathLike) -> Image.Image:
-    with warnings.catch_warnings():
-        # Sizes between Pillow's warning and error limits are refused by check_dimensions instead.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(path)
 
 
 def _decode_failure(path: str | os.PathLike, error: BaseException) -> str:
@@ -552,7 +563,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             the message names the file.
     """
     try:
-        with _open(path) as image:
+        with Image.open(path) as image:
             check_dimensions(image, path)
             return to_rgb(image)
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
@@ -566,7 +577,7 @@ def check_image(path: str | os.PathLike) -> str | None:
     truncated file is found at a fraction of the cost of a full decode.
     """
     try:
-        with _open(path) as image:
+        with Image.open(path) as image:
             check_dimensions(image, Path(path).name)
             image.draft("RGB", (64, 64))
             image.load()

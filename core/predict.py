@@ -21,7 +21,7 @@ from core.datasets import CaptionedImages, collate_rows
 from core.encoder import encode_batch
 from core.metrics import decide, f1_scores, per_label_scores, sigmoid
 from core.models import create_model
-from core.runs import atomic_write, load_checkpoint, read_json
+from core.runs import atomic_write, check_checkpoint_matches, load_checkpoint, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Predictor:
         self.device = torch.device(device)
 
         state = load_checkpoint(self.run_dir / f"{checkpoint}.pt")
-        _check_checkpoint_matches(state, self.config, self.run_dir / f"{checkpoint}.pt")
+        check_checkpoint_matches(state, self.config, self.run_dir / f"{checkpoint}.pt")
         self.model = create_model(
             self.config["model"], len(self.labels), captions=self.config["captions"], pretrained=False,
             dropout=self.config["dropout"], batch_norm=self.config["batch_norm"],
@@ -201,20 +201,6 @@ class Predictor:
         return sigmoid(np.concatenate(outputs)) if outputs else np.zeros((0, len(self.labels)))
 
 
-def _check_checkpoint_matches(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    saved = state.get("config") or {}
-    if saved.get("model") != config.get("model"):
-        raise ValueError(
-            f"{path}: checkpoint is for model {saved.get('model')!r} but config.json says {config.get('model')!r}; "
-            "the run folder mixes files from different runs"
-        )
-    if [int(label) for label in state.get("labels", [])] != [int(label) for label in config["labels"]]:
-        raise ValueError(
-            f"{path}: checkpoint label set {state.get('labels')} differs from config.json {config['labels']}; "
-            "the run folder mixes files from different runs"
-        )
-
-
 def default_workers_for(predictor: Predictor) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1)) if predictor.uses_images else 0
 
@@ -225,7 +211,7 @@ def evaluate_run(
     """Score a run on its validation part, or on any labelled CSV, at its fixed and tuned thresholds."""
     predictor = Predictor(run_dir, checkpoint)
     if csv_path is None:
-        folder = datasets.load_dataset(predictor.config["data"])
+        folder = datasets.load_dataset(predictor.config["data"], skipped=[])
         val_ids = set(read_json(run_dir / "split.json")["val"])
         rows = folder.train[folder.train["ImageID"].isin(val_ids)]
         if len(rows) != len(val_ids):
@@ -242,6 +228,7 @@ def evaluate_run(
 
     known = set(predictor.labels)
     unknown = sorted({label for row in rows["Labels"] for label in row} - known)
+    unscored: list[int] = []
     if unknown:
         lines = [line for line, labels in zip(rows["line"], rows["Labels"]) if set(labels) - known]
         logger.warning(
@@ -249,6 +236,15 @@ def evaluate_run(
             "predict them; they are left out of the scores", ", ".join(map(str, unknown)), source, len(lines),
             lines[0], run_dir.name,
         )
+        # A row with no known label would count every prediction as a false positive.
+        unscored = [line for line, labels in zip(rows["line"], rows["Labels"]) if not set(labels) & known]
+        if len(unscored) == len(rows):
+            raise ValueError(f"no row of {source} has a label of run {run_dir.name}'s label set "
+                             f"({', '.join(map(str, predictor.labels))}); evaluate a run trained on these labels")
+        if unscored:
+            logger.warning("%d row(s) of %s have only such labels and are left out, first on line %d",
+                           len(unscored), source, unscored[0])
+            rows = rows[~rows["line"].isin(unscored)]
     targets = datasets.targets_from_labels(rows["Labels"], predictor.labels)
     probs = predictor.predict_rows(rows, images if predictor.uses_images else None,
                                    workers=default_workers_for(predictor))
@@ -264,6 +260,7 @@ def evaluate_run(
         "tuned": f1_scores(targets, tuned) if predictor.has_tuned_thresholds else None,
         "per_label": per_label_scores(targets, fixed, predictor.labels, predictor.label_names),
         "unknown_labels": unknown,
+        "rows_left_out": len(unscored),
     }
 
 

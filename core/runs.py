@@ -111,6 +111,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def check_checkpoint_matches(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """Raise ValueError when a checkpoint was written for another model or label set than config.json describes."""
+    saved = state.get("config") or {}
+    if saved.get("model") != config.get("model"):
+        raise ValueError(
+            f"{path}: checkpoint is for model {saved.get('model')!r} but config.json says {config.get('model')!r}; "
+            "the run folder mixes files from different runs"
+        )
+    if [int(label) for label in state.get("labels", [])] != [int(label) for label in config["labels"]]:
+        raise ValueError(
+            f"{path}: checkpoint label set {state.get('labels')} differs from config.json {config['labels']}; "
+            "the run folder mixes files from different runs"
+        )
+
+
 # ----------------------------------------------------------------------------- progress events
 
 

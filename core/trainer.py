@@ -37,6 +37,7 @@ from core.runs import (
     DEFAULT_RUNS_DIR,
     ProgressWriter,
     atomic_write,
+    check_checkpoint_matches,
     check_run_name,
     describe_error,
     load_checkpoint,
@@ -685,6 +686,7 @@ def resume(run_dir: Path) -> Path:
             raise ValueError(f"run {run_dir.name} has no last.pt because it stopped before its first epoch ended; "
                              "start a new run instead")
         state = load_checkpoint(last)
+        check_checkpoint_matches(state, resolved, last)
         if state.get("format_version", 1) < CHECKPOINT_FORMAT_VERSION:
             raise ValueError(f"{last} was written by an older version without the epoch history; "
                              "it cannot be resumed, so start a new run")
@@ -766,8 +768,12 @@ def _train_in(
 
     if resume is not None:
         resolved, state = resume
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(f"{run_dir / 'last.pt'}: weights or optimizer state do not fit the model described "
+                             f"in config.json ({error}); start a new run instead") from error
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:

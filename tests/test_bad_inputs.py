@@ -12,8 +12,6 @@ Categories:
 5. Checkpoints: a best.pt with pickled objects, or from another run.
 6. Run names: `--run-name` and `--resume` values that leave the runs folder.
 
-A case that shows a product bug is marked xfail(strict=True) with the reason, so
-it starts to fail once the bug is fixed.
 """
 
 from __future__ import annotations
@@ -195,7 +193,7 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def write_blank_bilevel_png(path: Path, side: int) -> None:
-    """Write a valid all-black 1-bit grayscale PNG of side x side pixels; it compresses about 1000:1."""
+    """Write a valid all-black 1-bit grayscale PNG of side x side pixels, compressed about 1000:1."""
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, grayscale, no interlace
     row = bytes(1 + (side + 7) // 8)  # filter byte 0, then the packed pixels
     compressor = zlib.compressobj(9)
@@ -206,7 +204,7 @@ def write_blank_bilevel_png(path: Path, side: int) -> None:
 
 # ----------------------------------------------------------------------------- 1. CSV files
 
-# (mutation, model, expected log fragments); the command stops before training.
+# Rows of (mutation, model, expected log fragments). The command stops before training.
 CSV_REJECTED = [
     pytest.param(lambda root: (root / "train.csv").write_bytes(b""), "caption_only",
                  ["the file is empty; expected a header line ImageID,Labels,Caption"], id="empty-file"),
@@ -249,10 +247,11 @@ CSV_REJECTED = [
                  ["line 2 (0.jpg): label 'x' is not an integer", "24 invalid row(s)"], id="every-row-invalid"),
     pytest.param(lambda root: (root / "data" / "3.jpg").unlink(), "cnn2",
                  ["line 5 (3.jpg): image not found in", "to train on the other 23 row(s)"], id="image-missing"),
-    pytest.param(lambda root: set_line(root, 5, "3.j\x00pg,3 4,A drawing."), "cnn2", ["line 5"],
-                 id="nul-byte-in-image-id", marks=pytest.mark.xfail(strict=True, reason=(
-                     "the only message is 'embedded null byte' (a ValueError from os.path), which names no file, "
-                     "line or ImageID"))),
+    pytest.param(lambda root: set_line(root, 5, "3.j\x00pg,3 4,A drawing."), "cnn2",
+                 ["line 5 ('3.j\\x00pg'): ImageID '3.j\\x00pg' contains a control character"], id="nul-byte-in-image-id"),
+    pytest.param(lambda root: set_line(root, 5, "3.jpg,3,4,A drawing made of flat colours."), "caption_only",
+                 ["line 5 (3.jpg): labels look comma-separated (3,4); separate label ids with spaces"],
+                 id="comma-separated-labels"),
 ]
 
 
@@ -268,10 +267,12 @@ def test_csv_rejected(mutate, model, fragments, dataset, tmp_path, capsys, caplo
 def test_csv_every_row_invalid_skipped(dataset, tmp_path, capsys, caplog):
     write_lines(dataset, ["ImageID,Labels,Caption"] + [f"{index}.jpg,x,A drawing." for index in range(TRAIN_ROWS)])
     outcome = train(capsys, caplog, dataset, tmp_path / "runs", "--skip-bad-rows", model="caption_only")
-    assert_rejected(outcome, "none of its 24 row(s) is valid, for example line 2 (0.jpg): label 'x' is not an integer")
+    assert_rejected(outcome, "24 invalid row(s)", "line 2 (0.jpg): label 'x' is not an integer", "... and 4 more",
+                    "No row is valid")
 
 
-# (mutation, model, skipped ImageID, its line, reason fragment, usable rows); trains with --skip-bad-rows.
+# Rows of (mutation, model, skipped ImageID, its line, reason fragment, usable rows).
+# Each trains with --skip-bad-rows.
 CSV_SKIPPED = [
     pytest.param(lambda root: append_line(root, "3.jpg,1,Another caption for the same image."), "caption_only",
                  "3.jpg", 26, "duplicate ImageID (first on line 5)", TRAIN_ROWS, id="duplicate-image-id"),
@@ -297,8 +298,8 @@ def test_csv_skipped(mutate, model, image_id, line, reason, rows, dataset, tmp_p
     assert reason in skipped[0]["reason"]
 
 
-# (mutation, (ImageID, expected caption) or None, (ImageID, expected line) or None, log fragment or None);
-# each trains a caption_only run on all 24 rows.
+# Rows of (mutation, (ImageID, expected caption) or None, (ImageID, expected line) or None, log fragment or None).
+# Each trains a caption_only run on all 24 rows.
 CSV_ACCEPTED = [
     pytest.param(lambda root: replace_bytes(root, lambda data: "\ufeff".encode("utf-8") + data),
                  ("0.jpg", "A picture of a green square."), None, None, id="byte-order-mark"),
@@ -308,7 +309,7 @@ CSV_ACCEPTED = [
                  ("0.jpg", "A picture of a green square."), None, None, id="trailing-empty-columns"),
     pytest.param(lambda root: set_line(root, 5, "3.jpg,3 4,A drawing, made of, flat colours."),
                  ("3.jpg", "A drawing, made of, flat colours."), None,
-                 "1 row(s) had unquoted commas in the caption; the fields were joined back", id="unquoted-commas"),
+                 "1 row(s) had unquoted commas in the caption (lines 5); the fields were joined back", id="unquoted-commas"),
     pytest.param(lambda root: set_line(root, 5, '3.jpg,3 4,"A sign saying ""stop"", drawn flat."'),
                  ("3.jpg", 'A sign saying "stop", drawn flat.'), None, None, id="doubled-quotes"),
     pytest.param(lambda root: set_line(root, 5, '3.jpg,3 4,A 12" ruler on a grey background.'),
@@ -356,16 +357,6 @@ def test_csv_image_without_row_named(dataset, tmp_path, capsys, caplog):
     assert config["unused_images"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "labels written with a comma ('3,4') are read as label 3 and the caption '4,A drawing ...'; label 4 is "
-    "dropped and the only message is the generic warning about unquoted commas, which names no row"))
-def test_csv_comma_separated_labels(dataset, tmp_path, capsys, caplog):
-    set_line(dataset, 5, "3.jpg,3,4,A drawing made of flat colours.")
-    outcome = train(capsys, caplog, dataset, tmp_path / "runs", model="caption_only")
-    labels = read_table(dataset / "train.csv").set_index("ImageID").loc["3.jpg", "Labels"]
-    assert labels == [3, 4] or (outcome.code == 1 and "line 5" in outcome.log)
-
-
 # ----------------------------------------------------------------------------- 2. paths that leave data/
 
 
@@ -385,7 +376,7 @@ def symlink_outside(root: Path) -> None:
     (root / "data" / "3.jpg").symlink_to(root / "outside.jpg")
 
 
-# (mutation, the ImageID as train.csv names it; None means the absolute path of x.jpg)
+# Rows of (mutation, the ImageID as train.csv names it). None stands for the absolute path of x.jpg.
 PATHS_OUTSIDE = [
     pytest.param(image_id_parent, "../x.jpg", id="parent-folder"),
     pytest.param(image_id_absolute, None, id="absolute-path"),
@@ -416,19 +407,16 @@ def test_path_outside_skipped(mutate, image_id, dataset, tmp_path, capsys, caplo
     assert image_id not in split["train"] + split["val"]
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "a symlink loop in data/ raises RuntimeError('Symlink loop from ...') from Path.resolve in "
-    "resolve_image_path (Python 3.11); it is not a user error, so train prints a traceback"))
 def test_path_symlink_loop(dataset, tmp_path, capsys, caplog):
     (dataset / "data" / "3.jpg").unlink()
     (dataset / "data" / "3.jpg").symlink_to("3.jpg")
     outcome = train(capsys, caplog, dataset, tmp_path / "runs")
-    assert_rejected(outcome, "line 5 (3.jpg)")
+    assert_rejected(outcome, "line 5 (3.jpg): ImageID '3.jpg' cannot be resolved (Symlink loop")
 
 
 # ----------------------------------------------------------------------------- 3. images
 
-# Each mutation replaces data/3.jpg; cnn2 on the default normalization decodes every training image.
+# Each mutation replaces data/3.jpg. A cnn2 run on the default normalization decodes every training image.
 IMAGES_ACCEPTED = [
     pytest.param(lambda root: save_image(root, lambda image: image, format="PNG"), id="png-named-jpg"),
     pytest.param(lambda root: save_image(root, lambda image: image, format="WEBP"), id="webp-named-jpg"),
@@ -467,7 +455,7 @@ def truncate_jpeg_scan(root: Path) -> None:
     path.write_bytes(data[: (data.index(b"\xff\xda") + len(data)) // 2])
 
 
-# (mutation, reason fragment); training stops, or leaves the row out with --skip-bad-rows.
+# Rows of (mutation, reason fragment). Training stops, or leaves the row out with --skip-bad-rows.
 IMAGES_REJECTED = [
     pytest.param(lambda root: (root / "data" / "3.jpg").write_bytes(b""), "empty file (0 bytes)", id="zero-bytes"),
     pytest.param(truncate_jpeg_header, "cannot decode image (Truncated File Read)", id="truncated-jpeg-header"),
@@ -508,7 +496,7 @@ def test_image_rejected_skipped(mutate, reason, dataset, tmp_path, capsys, caplo
 
 @dataclass
 class SharedRuns:
-    """Finished runs on the demo dataset; tests copy a run folder before changing it."""
+    """Finished runs on the demo dataset, which tests copy before changing them."""
 
     dataset: Path
     image_run: Path  # cnn2 on labels 1-5
@@ -542,37 +530,58 @@ def shared_runs(tmp_path_factory) -> SharedRuns:
 # ----------------------------------------------------------------------------- 4. predict-time inputs
 
 
+def write_labelled_csv(shared: SharedRuns, path: Path, changes: dict[int, str]) -> Path:
+    """Write the header and the first four rows of the demo train.csv, with `changes` (line number: text)."""
+    lines = csv_lines(shared.dataset)[:5]
+    for number, text in changes.items():
+        lines[number - 1] = text
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def test_evaluate_csv_unseen_label(shared_runs, tmp_path, capsys, caplog):
-    lines = csv_lines(shared_runs.dataset)[:5]
-    lines[1] = "0.jpg,2 99,A picture of a green square."
-    lines[2] = "1.jpg,99,A blue square and a blue triangle on a grey background."
-    labelled = tmp_path / "labelled.csv"
-    labelled.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    labelled = write_labelled_csv(shared_runs, tmp_path / "labelled.csv", {
+        2: "0.jpg,2 99,A picture of a green square.",
+        3: "1.jpg,99,A blue square and a blue triangle on a grey background.",
+    })
     outcome = run_cli(capsys, caplog, "evaluate", shared_runs.image_run, "--csv", labelled,
                       "--images", shared_runs.dataset / "data")
     assert outcome.code == 0, outcome.text
-    assert "labels [99] are not in the run's label set and are ignored in the scores" in outcome.log
-    assert f"on {labelled}, 4 rows" in outcome.out
+    assert f"label(s) 99 of {labelled} (on 2 row(s), first on line 2) are not in run image's label set" in outcome.log
+    assert "left out of the scores, because the run never saw them: labels 99" in outcome.out
+    assert f"on {labelled}, 3 rows" in outcome.out  # line 3 has no known label, so it is left out
     lines = outcome.out.splitlines()
     table_start = next(index for index, line in enumerate(lines) if line.split()[:2] == ["label", "name"])
     per_label = [line.split()[0] for line in lines[table_start + 1:]]
     assert per_label == ["1", "2", "3", "4", "5"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a row whose only label is unseen counts as a row with no labels, so its predictions are all false "
-    "positives and its samples F1 is 0, which lowers the mean; yet the "
-    "warning says the unseen labels 'are ignored in the scores' and names no row"))
 def test_evaluate_csv_only_unseen_labels(shared_runs, tmp_path, capsys, caplog):
-    lines = csv_lines(shared_runs.dataset)[:5]
-    lines[2] = "1.jpg,99,A blue square and a blue triangle on a grey background."
-    labelled = tmp_path / "labelled.csv"
-    labelled.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with_row = write_labelled_csv(shared_runs, tmp_path / "with.csv", {
+        3: "1.jpg,99,A blue square and a blue triangle on a grey background.",
+    })
+    without_row = tmp_path / "without.csv"
+    kept = [line for number, line in enumerate(with_row.read_text(encoding="utf-8").splitlines(), 1) if number != 3]
+    without_row.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    scores = []
+    for labelled in (with_row, without_row):
+        outcome = run_cli(capsys, caplog, "evaluate", shared_runs.image_run, "--csv", labelled,
+                          "--images", shared_runs.dataset / "data", "--json")
+        assert outcome.code == 0, outcome.text
+        scores.append(json.loads(outcome.out)["samples_f1_score"])
+        if labelled == with_row:
+            assert "1 row(s) of" in outcome.log
+            assert "have only such labels and are left out, first on line 3" in outcome.log
+            assert json.loads(outcome.out)["rows_left_out"] == 1
+    assert scores[0] == pytest.approx(scores[1])
+
+
+def test_evaluate_csv_no_known_label(shared_runs, tmp_path, capsys, caplog):
+    labelled = tmp_path / "unknown.csv"
+    labelled.write_text("ImageID,Labels,Caption\n0.jpg,98,A square.\n1.jpg,99,A circle.\n", encoding="utf-8")
     outcome = run_cli(capsys, caplog, "evaluate", shared_runs.image_run, "--csv", labelled,
-                      "--images", shared_runs.dataset / "data", "--json")
-    assert outcome.code == 0, outcome.text
-    scored_rows = json.loads(outcome.out)["rows"]
-    assert scored_rows == 3 or "line 3" in outcome.log or "1.jpg" in outcome.log
+                      "--images", shared_runs.dataset / "data")
+    assert_rejected(outcome, "has a label of run", "evaluate a run trained on these labels")
 
 
 def test_evaluate_csv_image_missing(shared_runs, tmp_path, capsys, caplog):
@@ -598,7 +607,7 @@ def write_bomb(path: Path) -> Path:
     return path
 
 
-# (builder of the --image file in tmp_path, expected log fragment with {image} for its path)
+# Rows of (builder of the --image file in tmp_path, expected log fragment with {image} for its path).
 PREDICT_IMAGES = [
     pytest.param(lambda folder: write_text_file(folder / "notes.jpg"),
                  "{image}: not an image file Pillow can read (unknown format)", id="text-file"),
@@ -625,7 +634,7 @@ UNPICKLED: list = []  # filled by PickledPayload.__setstate__ if a checkpoint lo
 
 
 class PickledPayload:
-    """An object that a weights-only load must reject; unpickling it would record itself in UNPICKLED."""
+    """Object that a weights-only load must reject. Unpickling it appends its state to UNPICKLED."""
 
     def __init__(self) -> None:
         self.note = "pickled by test_bad_inputs"
@@ -659,7 +668,7 @@ def truncated_checkpoint(run_dir: Path, shared: SharedRuns) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-# (change to a copy of the cnn2 run, expected log fragments); `predict` stops before predicting.
+# Rows of (change to a copy of the cnn2 run, expected log fragments). `predict` stops before predicting.
 CHECKPOINTS_REJECTED = [
     pytest.param(pickled_object, ["cannot be loaded as a weights-only checkpoint", "PickledPayload",
                                   "It may be damaged or contain pickled objects"], id="pickled-object"),
@@ -700,7 +709,7 @@ def existing_run_name(runs: Path) -> str:
     return "taken"
 
 
-# (builder of the --run-name value from the runs folder, expected log fragment)
+# Rows of (builder of the --run-name value from the runs folder, expected log fragment).
 RUN_NAMES_REJECTED = [
     pytest.param(lambda runs: "../escape", "invalid run name '../escape'", id="parent-folder"),
     pytest.param(lambda runs: str(runs.parent / "absolute"), "invalid run name", id="absolute-path"),
@@ -726,7 +735,7 @@ def test_run_name_rejected(make_name, fragment, dataset, tmp_path, capsys, caplo
         assert files_under(runs / "taken") == {"marker.txt"}
 
 
-# (builder of the --resume value from the test's tmp_path); the working directory is the runs folder.
+# Builders of the --resume value from the test's tmp_path. The working directory is the runs folder.
 RESUME_OUTSIDE = [
     pytest.param(lambda base: "../nothing", id="parent-folder"),
     pytest.param(lambda base: str(base / "elsewhere"), id="absolute-path"),

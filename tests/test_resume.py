@@ -260,3 +260,25 @@ def test_nan_validation_loss_saves_no_weights(dataset, tmp_path, monkeypatch):
     assert not (run_dir / "last.pt").exists()
     assert not (run_dir / "best.pt").exists()
     assert summarize_run(run_dir).status == "failed"
+
+
+def test_resume_with_checkpoint_of_other_run_refused(dataset, tmp_path, monkeypatch):
+    import core.trainer as trainer
+
+    runs = tmp_path / "runs"
+    original = trainer.train_one_epoch
+
+    def interrupt_second_epoch(*args, **kwargs):
+        if args[7] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(dataset, runs))
+    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    other = train(_config(dataset, runs, model="caption_only", epochs=1, run_name="other"))
+    (runs / "r" / "last.pt").write_bytes((other / "last.pt").read_bytes())
+
+    with pytest.raises(ValueError, match=r"checkpoint is for model 'caption_only' but config\.json says 'cnn2'"):
+        resume(runs / "r")
