@@ -106,7 +106,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     system.add_argument("--device", default=defaults.device, choices=DEVICES,
                         help="auto picks CUDA, then Apple MPS, then the CPU")
     system.add_argument("--amp", action=argparse.BooleanOptionalAction, default=defaults.amp,
-                        help="mixed precision on CUDA")
+                        help="mixed precision: float16 or bfloat16 on CUDA, bfloat16 on CPUs that support it natively")
+    system.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=defaults.channels_last,
+                        help="channels-last memory format for image models")
+    system.add_argument("--image-cache", action=argparse.BooleanOptionalAction, default=defaults.image_cache,
+                        help="decode and resize each image once into a uint8 cache in RUNS_DIR/.cache/images; "
+                             "without it, images are decoded again in every epoch")
+    system.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=defaults.feature_cache,
+                        help="with --freeze-backbone: compute the backbone's features once and train the head on "
+                             "them (augmentations are then not applied)")
     system.add_argument("--workers", type=int, help="data loading processes (default: one per spare CPU core, at most 8)")
 
     output = parser.add_argument_group("evaluation and output")

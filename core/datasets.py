@@ -659,6 +659,13 @@ def load_resized(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     return resize_to_tensor(open_image(path), image_size)
 
 
+def sample_indices(count: int, max_images: int = 2000, seed: int = 0) -> list[int]:
+    """Return all of range(count), or a sorted seeded sample of `max_images` of it."""
+    if count <= max_images:
+        return list(range(count))
+    return sorted(np.random.default_rng(seed).choice(count, size=max_images, replace=False).tolist())
+
+
 def channel_stats(
     paths: Sequence[Path], image_size: int, max_images: int = 2000, seed: int = 0
 ) -> tuple[list[float], list[float]]:
@@ -670,16 +677,17 @@ def channel_stats(
     """
     if not paths:
         raise ValueError("no images to compute channel statistics from")
-    chosen = list(paths)
-    if len(chosen) > max_images:
-        picks = np.random.default_rng(seed).choice(len(chosen), size=max_images, replace=False)
-        chosen = [chosen[index] for index in sorted(picks)]
+    chosen = [paths[index] for index in sample_indices(len(paths), max_images, seed)]
+    return stats_of_images(load_resized(path, image_size) for path in chosen)
 
+
+def stats_of_images(images: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Compute per-channel mean and standard deviation of uint8 (3, H, W) images on the [0, 1] scale."""
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
     pixels = 0
-    for path in chosen:
-        image = load_resized(path, image_size).to(torch.float64) / 255.0
+    for image in images:
+        image = image.to(torch.float64) / 255.0
         total += image.sum(dim=(1, 2))
         total_sq += (image**2).sum(dim=(1, 2))
         pixels += image.shape[1] * image.shape[2]
@@ -719,10 +727,66 @@ def build_transform(
 # ----------------------------------------------------------------------------- torch Dataset
 
 
-class CaptionedImages(Dataset):
-    """Rows of (image, encoded caption, target); the image is omitted when `image_paths` is None.
+class BatchAugment:
+    """Augment and standardise a batch of uint8 images (B, 3, H, W) on whatever device it is on.
 
-    Captions are encoded once here, not on every epoch.
+    Training applies this after the batch reaches the device, so the cached and the
+    decoded paths share it, and on a GPU the work leaves the CPU. Random draws come
+    from a CPU `torch.Generator`, so the same seed gives the same batch anywhere.
+    Flips and sharpness run on the whole batch at once; colour jitter needs its own
+    factors per image and runs image by image.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], augmentations: Iterable[str] = ()) -> None:
+        self.augmentations = tuple(name for name in AUGMENTATIONS if name in set(augmentations))
+        unknown = set(augmentations) - set(AUGMENTATIONS)
+        if unknown:
+            raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = images.device
+        batch = images.shape[0]
+
+        def coin() -> torch.Tensor:  # one fair coin per image, as a (B, 1, 1, 1) mask on the device
+            return (torch.rand(batch, generator=generator) < 0.5).view(batch, 1, 1, 1).to(device)
+
+        if "hflip" in self.augmentations:
+            images = torch.where(coin(), images.flip(-1), images)
+        if "vflip" in self.augmentations:
+            images = torch.where(coin(), images.flip(-2), images)
+        images = images.float().div_(255.0)
+        if "jitter" in self.augmentations:
+            images = torch.stack([_jitter(image, generator) for image in images])
+        if "sharpness" in self.augmentations:
+            images = torch.where(coin(), v2.functional.adjust_sharpness(images, 2.0), images)
+        return (images - self.mean.to(device)) / self.std.to(device)
+
+
+def _jitter(image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Apply brightness, contrast and saturation within 20% and hue within 0.05, in a random order."""
+    factors = 0.8 + 0.4 * torch.rand(3, generator=generator)
+    hue = (torch.rand(1, generator=generator).item() - 0.5) * 0.1
+    steps = [
+        lambda tensor: v2.functional.adjust_brightness(tensor, factors[0].item()),
+        lambda tensor: v2.functional.adjust_contrast(tensor, factors[1].item()),
+        lambda tensor: v2.functional.adjust_saturation(tensor, factors[2].item()),
+        lambda tensor: v2.functional.adjust_hue(tensor, hue),
+    ]
+    for index in torch.randperm(4, generator=generator).tolist():
+        image = steps[index](image)
+    return image
+
+
+class CaptionedImages(Dataset):
+    """Rows of (image, encoded caption, target); the image is omitted when the rows have no images.
+
+    Images come from `image_paths` (decoded on every read) or from `cached`, an
+    (array, slots) pair from `ImageCache.load` (read from memory). Without a
+    `transform` they are uint8 (3, size, size) tensors for `BatchAugment`; with one,
+    the transform turns each decoded image into the model's input. Captions are
+    encoded once here, not on every epoch.
     """
 
     def __init__(
@@ -732,27 +796,53 @@ class CaptionedImages(Dataset):
         targets: np.ndarray,
         image_size: int,
         transform: v2.Compose | None,
+        cached: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         if image_paths is not None and len(image_paths) != len(captions):
             raise ValueError(f"{len(image_paths)} image paths but {len(captions)} captions")
+        if cached is not None and len(cached[1]) != len(captions):
+            raise ValueError(f"{len(cached[1])} cached images but {len(captions)} captions")
         if len(targets) != len(captions):
             raise ValueError(f"{len(targets)} target rows but {len(captions)} captions")
         self.image_paths = list(image_paths) if image_paths is not None else None
+        self.cached = cached
         self.encoded = [encode_trigrams(caption) for caption in captions]
         self.targets = torch.from_numpy(np.asarray(targets, dtype=np.float32))
         self.image_size = image_size
         self.transform = transform
 
+    @property
+    def has_images(self) -> bool:
+        return self.image_paths is not None or self.cached is not None
+
     def __len__(self) -> int:
         return len(self.encoded)
 
-    def __getitem__(self, index: int):
-        image = None
-        if self.image_paths is not None:
+    def _image(self, index: int) -> torch.Tensor | None:
+        if self.cached is not None:
+            array, slots = self.cached
+            image = torch.from_numpy(np.array(array[slots[index]]))
+        elif self.image_paths is not None:
             image = load_resized(self.image_paths[index], self.image_size)
-            if self.transform is not None:
-                image = self.transform(image)
-        return image, self.encoded[index], self.targets[index]
+        else:
+            return None
+        return self.transform(image) if self.transform is not None else image
+
+    def __getitem__(self, index: int):
+        return self._image(index), self.encoded[index], self.targets[index]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """Read a whole batch; from the cache, in one sorted read of the memory-mapped array."""
+        if self.cached is None or self.transform is not None:
+            return [self[index] for index in indices]
+        array, slots = self.cached
+        wanted = slots[indices]
+        order = np.argsort(wanted, kind="stable")
+        block = torch.from_numpy(np.asarray(array[wanted[order]]))  # fancy indexing copies out of the file
+        images = [None] * len(indices)
+        for position, source in enumerate(order):
+            images[source] = block[position]
+        return [(images[row], self.encoded[index], self.targets[index]) for row, index in enumerate(indices)]
 
 
 def collate_rows(rows: list) -> tuple[torch.Tensor | None, CaptionBatch, torch.Tensor]:

@@ -184,7 +184,7 @@ class CaptionClassifier(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Compute raw logits (B, num_labels); with `return_aux`, also Inception's auxiliary logits or None."""
         aux_logits = None
-        hidden = None
+        features = None
         if self.backbone is not None:
             if images is None:
                 raise ValueError("this model needs images; pass an image batch")
@@ -193,6 +193,19 @@ class CaptionClassifier(nn.Module):
                 features, aux_features = features
                 if self.aux_fc is not None:
                     aux_logits = self.aux_fc(aux_features)
+        logits = self.classify(features, captions)
+        if return_aux:
+            return logits, aux_logits
+        return logits
+
+    def classify(self, features: torch.Tensor | None, captions: CaptionBatch | None = None) -> torch.Tensor:
+        """Compute logits from backbone features (B, feature_dim), or None for caption_only, and captions.
+
+        Training with a frozen backbone calls this on features computed once per image.
+        """
+        if self.backbone is not None:
+            if features is None:
+                raise ValueError("this model needs image features; pass a feature batch")
             hidden = self.image_fc(self.input_dropout(features))
             batch_size = features.shape[0]
         else:
@@ -206,11 +219,7 @@ class CaptionClassifier(nn.Module):
                 raise ValueError(f"{len(captions)} captions for a batch of {batch_size} images")
             caption_part = self.caption_fc(captions.ids, captions.offsets, per_sample_weights=captions.counts)
             hidden = hidden + caption_part.to(hidden.dtype)
-
-        logits = self.rest(hidden)  # (B, num_labels)
-        if return_aux:
-            return logits, aux_logits
-        return logits
+        return self.rest(hidden)  # (B, num_labels)
 
 
 # ----------------------------------------------------------------------------- pretrained weights

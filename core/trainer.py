@@ -29,7 +29,17 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from core import datasets
-from core.datasets import AUGMENTATIONS, CaptionedImages, DatasetError, DatasetFolder, ImageChecks, SkippedRow, collate_rows
+from core.datasets import (
+    AUGMENTATIONS,
+    BatchAugment,
+    CaptionedImages,
+    DatasetError,
+    DatasetFolder,
+    ImageChecks,
+    SkippedRow,
+    collate_rows,
+)
+from core.imagecache import CACHE_DIR_NAME, ImageCache
 from core.metrics import DEFAULT_THRESHOLD, decide, f1_scores, per_label_scores, sigmoid, tune_thresholds
 from core.models import IMAGENET_MEAN, IMAGENET_STD, count_parameters, create_model, get_model_spec, list_models
 from core.runs import (
@@ -61,7 +71,8 @@ BATCH_NORM_MODELS = ("resnet18", "resnet50", "inception_v3", "efficientnet_lite0
 AUX_LOSS_WEIGHT = 0.4  # weight of Inception's auxiliary loss, as in torchvision's training reference
 STEP_EVENT_INTERVAL = 1.0  # seconds between `step` progress events
 SKIPPED_ROWS_FILE = "skipped_rows.csv"
-IMAGE_CHECKS_FILE = Path(".cache") / "image-checks.json"  # under runs_dir
+CACHE_DIR = ".cache"  # under runs_dir: image checks, decoded images
+IMAGE_CHECKS_FILE = Path(CACHE_DIR) / "image-checks.json"
 
 
 @dataclass
@@ -107,7 +118,10 @@ class TrainConfig:
 
     # system
     device: str = "auto"  # auto (CUDA, then Apple MPS, then CPU), cpu, cuda or mps
-    amp: bool = True  # mixed precision on CUDA (bfloat16 where supported, else float16)
+    amp: bool = True  # mixed precision: CUDA (bfloat16 or float16), CPUs with native bfloat16
+    channels_last: bool = True  # channels-last memory format for image models
+    image_cache: bool = True  # decode and resize each image once into a uint8 cache under runs_dir/.cache
+    feature_cache: bool = True  # with freeze_backbone: compute backbone features once, then train the head
     workers: int | None = None  # data loading processes; None: sized to the machine
 
     # evaluation
@@ -259,9 +273,9 @@ def available_devices() -> list[str]:
     return devices
 
 
-def default_workers(uses_images: bool) -> int:
-    """Data loading processes: none for captions only, else one per spare core, at most 8."""
-    if not uses_images:
+def default_workers(decodes_images: bool) -> int:
+    """Data loading processes: none when rows come from memory, else one per spare core, at most 8."""
+    if not decodes_images:
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
@@ -338,11 +352,60 @@ def build_optimizer(name: str, parameters, lr: float, weight_decay: float, devic
     return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Return True when the CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """Mixed-precision dtype for CUDA (bfloat16 where supported, else float16), or None for full precision."""
-    if not amp or device.type != "cuda":
+    """Return the mixed-precision dtype, or None for full precision.
+
+    CUDA uses bfloat16 where supported, else float16. A CPU uses bfloat16 only when it
+    has native support; elsewhere bfloat16 is emulated and slower than float32.
+    """
+    if not amp:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bfloat16():
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class InputPipeline:
+    """Turns a loader batch into model input on the device: transfer, augmentation, memory format."""
+
+    device: torch.device
+    augment: BatchAugment | None  # None for caption-only rows
+    channels_last: bool
+    generator: torch.Generator | None = None  # draws the random augmentations
+
+    def images(self, images: torch.Tensor | None) -> torch.Tensor | None:
+        if images is None:
+            return None
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = self.augment(images, self.generator)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+class FeatureRows(torch.utils.data.Dataset):
+    """Rows of (backbone features, encoded caption, target), read from tensors in memory."""
+
+    def __init__(self, features: torch.Tensor, rows: CaptionedImages) -> None:
+        self.features = features
+        self.encoded = rows.encoded
+        self.targets = rows.targets
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int):
+        return self.features[index], self.encoded[index], self.targets[index]
 
 
 # ----------------------------------------------------------------------------- data
@@ -358,8 +421,8 @@ class PreparedData:
     train_targets: np.ndarray
     val_targets: np.ndarray
     image_size: int
-    mean: list[float]
-    std: list[float]
+    mean: list[float] | None  # None until computed from the training images
+    std: list[float] | None
 
 
 @dataclass
@@ -437,9 +500,9 @@ def write_skipped_rows(path: Path, skipped: Sequence[SkippedRow]) -> None:
     atomic_write(path, lambda handle: handle.write(text.getvalue().encode("utf-8")))
 
 
-def _statistics(config: TrainConfig, folder: DatasetFolder, train_rows, uses_images: bool,
-                pretrained: bool, image_size: int) -> tuple[list[float], list[float]]:
-    """Choose the normalisation mean and std for the run's images."""
+def _statistics(config: TrainConfig, uses_images: bool,
+                pretrained: bool) -> tuple[list[float] | None, list[float] | None]:
+    """Choose the normalisation mean and std for the run's images; (None, None) for the images' own statistics."""
     spec = get_model_spec(config.model)
     normalization = config.normalization
     if normalization == "auto":
@@ -449,9 +512,7 @@ def _statistics(config: TrainConfig, folder: DatasetFolder, train_rows, uses_ima
     if uses_images and normalization == "imagenet":
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
     if uses_images and normalization == "dataset":
-        paths = folder.image_paths(train_rows)
-        logger.info("computing channel statistics over %d training images", min(len(paths), 2000))
-        return datasets.channel_stats(paths, image_size, seed=config.seed)
+        return None, None  # computed from the training images once they are loaded
     return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
 
 
@@ -461,7 +522,7 @@ def prepare_data(config: TrainConfig, checked: CheckedRows, uses_images: bool, p
     targets = datasets.targets_from_labels(rows["Labels"], folder.labels)
     train_index, val_index = datasets.split_indices(targets, config.val_fraction, config.seed)
     image_size = config.image_size or get_model_spec(config.model).input_size
-    mean, std = _statistics(config, folder, rows.iloc[train_index], uses_images, pretrained, image_size)
+    mean, std = _statistics(config, uses_images, pretrained)
     return PreparedData(
         folder=folder,
         train_rows=rows.iloc[train_index],
@@ -516,10 +577,13 @@ def prepare_resumed_data(config: TrainConfig, resolved: dict[str, Any], run_dir:
     )
 
 
-def make_dataset(data: PreparedData, rows, targets: np.ndarray, uses_images: bool, augment: Sequence[str]) -> CaptionedImages:
+def make_dataset(data: PreparedData, rows, targets: np.ndarray, uses_images: bool,
+                 cache: ImageCache | None) -> CaptionedImages:
+    """Build the rows of one part: uint8 images from the cache, or decoded on each read without one."""
     paths = data.folder.image_paths(rows) if uses_images else None
-    transform = datasets.build_transform(data.mean, data.std, augment) if uses_images else None
-    return CaptionedImages(paths, list(rows["Caption"]), targets, data.image_size, transform)
+    cached = cache.load(paths) if cache is not None and paths is not None else None
+    return CaptionedImages(None if cached is not None else paths, list(rows["Caption"]), targets, data.image_size,
+                           None, cached=cached)
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -535,20 +599,28 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None,
     epoch: int,
     progress: ProgressWriter,
+    inputs: InputPipeline,
+    on_features: bool = False,
 ) -> dict[str, float]:
-    """Run one pass over `loader`; return the mean training loss, throughput and duration."""
+    """Run one pass over `loader`; return the mean training loss, throughput and duration.
+
+    With `on_features`, the loader yields backbone features and only the head trains.
+    """
     model.train()
     total_loss, total_rows = 0.0, 0
     steps = len(loader)
     started = last_event = time.perf_counter()
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", unit="step", leave=False, file=sys.stderr, disable=None)
     for step, (images, captions, targets) in enumerate(bar, start=1):
-        images = images.to(device, non_blocking=True) if images is not None else None
+        images = inputs.images(images)
         captions = captions.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, aux_logits = model(images, captions, return_aux=True)
+            if on_features:
+                logits, aux_logits = model.classify(images, captions), None
+            else:
+                logits, aux_logits = model(images, captions, return_aux=True)
             loss = loss_fn(logits.float(), targets)
             if aux_logits is not None:
                 loss = loss + AUX_LOSS_WEIGHT * loss_fn(aux_logits.float(), targets)
@@ -586,18 +658,34 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_loader(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
+    inputs: InputPipeline, on_features: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (logits, targets) for every row of `loader`, in order."""
     model.eval()
     all_logits, all_targets = [], []
     for images, captions, targets in loader:
-        images = images.to(device, non_blocking=True) if images is not None else None
+        images = inputs.images(images)
+        captions = captions.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images, captions.to(device, non_blocking=True))
+            logits = model.classify(images, captions) if on_features else model(images, captions)
         all_logits.append(logits.float().cpu().numpy())
         all_targets.append(targets.numpy())
     return np.concatenate(all_logits), np.concatenate(all_targets)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None, inputs: InputPipeline
+) -> torch.Tensor:
+    """Run the (frozen) backbone over every image of `loader` once; return (rows, feature_dim) float32 on the CPU."""
+    model.eval()
+    features = []
+    for images, _, _ in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            output = model.backbone(inputs.images(images))
+        features.append((output[0] if isinstance(output, tuple) else output).float().cpu())
+    return torch.cat(features)
 
 
 def evaluate(
@@ -609,13 +697,15 @@ def evaluate(
     threshold: float | np.ndarray,
     labels: Sequence[int],
     label_names: dict[int, str],
+    inputs: InputPipeline,
+    on_features: bool = False,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Score `model` on `loader`: validation loss, samples/micro/macro F1 and per-label scores.
 
     Returns:
         (metrics, probs, targets), the last two of shape (rows, labels).
     """
-    logits, targets = predict_loader(model, loader, device, amp_dtype)
+    logits, targets = predict_loader(model, loader, device, amp_dtype, inputs, on_features)
     val_loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(targets)).item())
     probs = sigmoid(logits)
     predictions = decide(probs, threshold)
@@ -732,22 +822,25 @@ def _train_in(
     else:
         data = prepare_resumed_data(config, resume[0], run_dir)
     folder = data.folder
-    train_set = make_dataset(data, data.train_rows, data.train_targets, spec.uses_images, config.augment)
-    val_set = make_dataset(data, data.val_rows, data.val_targets, spec.uses_images, ())
-    workers = config.workers if config.workers is not None else default_workers(spec.uses_images)
+    cache = None
+    if spec.uses_images and config.image_cache:
+        cache = ImageCache(Path(config.runs_dir) / CACHE_DIR / CACHE_DIR_NAME, folder.image_dir, data.image_size)
+    train_set = make_dataset(data, data.train_rows, data.train_targets, spec.uses_images, cache)
+    val_set = make_dataset(data, data.val_rows, data.val_targets, spec.uses_images, cache)
+    if data.mean is None:
+        chosen = datasets.sample_indices(len(train_set), seed=config.seed)
+        logger.info("computing channel statistics over %d training images", len(chosen))
+        data.mean, data.std = datasets.stats_of_images(train_set[index][0] for index in chosen)
+    # Cached rows are read from memory; decoding on every read needs worker processes.
+    decodes = spec.uses_images and cache is None
+    workers = config.workers if config.workers is not None else default_workers(decodes)
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = None
-    if config.sampler == "weighted":
-        sampler = WeightedRandomSampler(row_sample_weights(data.train_targets), len(train_set), generator=generator)
-    loader_options = dict(
-        batch_size=config.batch_size, num_workers=workers, collate_fn=collate_rows,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-    )
-    # A last training batch of one row would break batch normalisation, so it is dropped.
-    drop_last = len(train_set) > 1 and len(train_set) % config.batch_size == 1
-    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, generator=generator,
-                              drop_last=drop_last, **loader_options)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_options)
+    augment_generator = torch.Generator()
+    augment = BatchAugment(data.mean, data.std, config.augment) if spec.uses_images else None
+    channels_last = config.channels_last and spec.uses_images
+    train_inputs = InputPipeline(device, augment, channels_last, augment_generator)
+    eval_inputs = InputPipeline(device, BatchAugment(data.mean, data.std) if spec.uses_images else None, channels_last)
+    train_loader, val_loader = _loaders(config, train_set, val_set, data.train_targets, workers, device, generator)
 
     # Model, loss and optimizer; a resumed run takes its weights from last.pt
     model = create_model(
@@ -756,6 +849,8 @@ def _train_in(
         batch_norm=config.batch_norm, conv_layers=config.conv_layers, fc_layers=config.fc_layers,
         hidden_size=config.hidden_size, image_size=data.image_size, freeze_backbone=config.freeze_backbone,
     ).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     positive_weights = pos_weights(data.train_targets) if config.pos_weight else None
     loss_fn = build_loss(config.loss, positive_weights.to(device) if positive_weights is not None else None)
     eval_loss_fn = build_loss(config.loss, positive_weights)
@@ -802,6 +897,8 @@ def _train_in(
             "device_used": str(device),
             "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
             "workers_used": workers,
+        "channels_last": channels_last,
+        "image_cache_dir": str(cache.root) if cache is not None else None,
             "versions": library_versions(),
             "created": datetime.now().isoformat(timespec="seconds"),
         }
@@ -809,17 +906,65 @@ def _train_in(
         write_json(run_dir / "split.json",
                    {"train": list(data.train_rows["ImageID"]), "val": list(data.val_rows["ImageID"])})
     logger.info(
-        "run %s: %s on %s (%d train / %d validation rows, %d labels, %s parameters)",
+        "run %s: %s on %s (%d train / %d validation rows, %d labels, %s parameters, %s)",
         run_dir.name, config.model, device, len(train_set), len(val_set), len(folder.labels),
-        f"{resolved['parameters']:,}",
+        f"{resolved['parameters']:,}", f"{amp_dtype} autocast".replace("torch.", "") if amp_dtype else "float32",
     )
+
+    # A frozen backbone gives the same features every epoch, so they are computed once.
+    on_features = spec.uses_images and config.freeze_backbone and config.feature_cache
+    if on_features:
+        started = time.perf_counter()
+        feature_sets = []
+        for rows, loader in ((train_set, train_loader), (val_set, val_loader)):
+            ordered = DataLoader(rows, batch_size=config.batch_size, shuffle=False, num_workers=workers,
+                                 collate_fn=collate_rows, pin_memory=device.type == "cuda",
+                                 generator=torch.Generator())
+            feature_sets.append(FeatureRows(extract_features(model, ordered, device, amp_dtype, eval_inputs), rows))
+        logger.info("computed backbone features of %d images in %.1f s; the epochs train the head on them%s",
+                    len(train_set) + len(val_set), time.perf_counter() - started,
+                    " (without augmentation; --no-feature-cache applies it)" if config.augment else "")
+        train_loader, val_loader = _loaders(config, feature_sets[0], feature_sets[1], data.train_targets, 0, device,
+                                            generator)
+        train_inputs = eval_inputs = InputPipeline(device, None, False)
 
     # Epochs, then the final metrics of the best checkpoint
     state = TrainingState(model, optimizer, scheduler, scaler, generator, history, best_metric)
-    _run_epochs(config, state, train_loader, val_loader, loss_fn, eval_loss_fn, device, amp_dtype, folder,
-                resolved, run_dir, progress)
-    final = _finish_run(config, model, val_loader, eval_loss_fn, device, amp_dtype, folder, run_dir)
+    step = StepSetup(device, amp_dtype, train_inputs, eval_inputs, augment_generator, on_features)
+    _run_epochs(config, state, step, train_loader, val_loader, loss_fn, eval_loss_fn, folder, resolved, run_dir,
+                progress)
+    final = _finish_run(config, model, step, val_loader, eval_loss_fn, folder, run_dir)
     return state.best_metric, final
+
+
+def _loaders(config: TrainConfig, train_set, val_set, train_targets: np.ndarray, workers: int,
+             device: torch.device, generator: torch.Generator) -> tuple[DataLoader, DataLoader]:
+    """Build the training loader (shuffled or weighted) and the validation loader."""
+    sampler = None
+    if config.sampler == "weighted":
+        sampler = WeightedRandomSampler(row_sample_weights(train_targets), len(train_set), generator=generator)
+    options = dict(
+        batch_size=config.batch_size, num_workers=workers, collate_fn=collate_rows,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+    )
+    # A last training batch of one row would break batch normalisation, so it is dropped.
+    drop_last = len(train_set) > 1 and len(train_set) % config.batch_size == 1
+    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, generator=generator,
+                              drop_last=drop_last, **options)
+    # Its own generator keeps the validation loader from drawing on the global random state, which dropout uses.
+    return train_loader, DataLoader(val_set, shuffle=False, generator=torch.Generator(), **options)
+
+
+@dataclass
+class StepSetup:
+    """How batches become model output: device, precision and the input pipelines."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    train_inputs: InputPipeline
+    eval_inputs: InputPipeline
+    augment_generator: torch.Generator
+    on_features: bool  # batches carry backbone features, so only the head runs
 
 
 @dataclass
@@ -850,19 +995,20 @@ class TrainingState:
 
 
 def _run_epochs(
-    config, state: TrainingState, train_loader, val_loader, loss_fn, eval_loss_fn, device, amp_dtype, folder,
+    config, state: TrainingState, step: StepSetup, train_loader, val_loader, loss_fn, eval_loss_fn, folder,
     resolved, run_dir, progress,
 ) -> None:
     for epoch in range(len(state.history) + 1, config.epochs + 1):
-        # Seeding each epoch gives the same row order whether or not the run was resumed.
+        # Seeding each epoch gives the same rows and augmentations whether or not the run was resumed.
         state.generator.manual_seed(config.seed * 100_003 + epoch)
-        trained = train_one_epoch(state.model, train_loader, loss_fn, state.optimizer, device, amp_dtype,
-                                  state.scaler, epoch, progress)
+        step.augment_generator.manual_seed(config.seed * 100_003 + epoch + 50_000)
+        trained = train_one_epoch(state.model, train_loader, loss_fn, state.optimizer, step.device, step.amp_dtype,
+                                  state.scaler, epoch, progress, step.train_inputs, step.on_features)
         if state.scheduler is not None:
             state.scheduler.step()
         started = time.perf_counter()
-        metrics, _, _ = evaluate(state.model, val_loader, eval_loss_fn, device, amp_dtype, config.threshold,
-                                 folder.labels, folder.label_names)
+        metrics, _, _ = evaluate(state.model, val_loader, eval_loss_fn, step.device, step.amp_dtype, config.threshold,
+                                 folder.labels, folder.label_names, step.eval_inputs, step.on_features)
         if not math.isfinite(metrics["val_loss"]):
             raise FloatingPointError(
                 f"validation loss became {metrics['val_loss']} after epoch {epoch}, so its weights are not saved; "
@@ -889,12 +1035,12 @@ def _run_epochs(
         )
 
 
-def _finish_run(config, model, val_loader, eval_loss_fn, device, amp_dtype, folder, run_dir) -> dict[str, Any]:
+def _finish_run(config, model, step: StepSetup, val_loader, eval_loss_fn, folder, run_dir) -> dict[str, Any]:
     """Reload the best checkpoint, tune thresholds and write metrics.json and thresholds.json."""
     best = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model"])
-    metrics, probs, targets = evaluate(model, val_loader, eval_loss_fn, device, amp_dtype, config.threshold,
-                                       folder.labels, folder.label_names)
+    metrics, probs, targets = evaluate(model, val_loader, eval_loss_fn, step.device, step.amp_dtype, config.threshold,
+                                       folder.labels, folder.label_names, step.eval_inputs, step.on_features)
     final = {"best_epoch": best["epoch"], "threshold": config.threshold, **metrics}
 
     if config.tune_thresholds:

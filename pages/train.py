@@ -72,10 +72,23 @@ def settings_form_ui(model: str) -> tuple[TrainConfig | None, str | None, str]:
                                              help="auto: the pretrained weights' statistics, else the images' own.")
         device = columns[2].selectbox("Device", available_devices(), help="auto picks CUDA, then Apple MPS, then CPU.")
         run_name = columns[3].text_input("Run name (optional)", help="Letters, digits, '.', '_' and '-'.")
-        skip_bad_rows = st.checkbox(
+        columns = st.columns(5)
+        skip_bad_rows = columns[0].checkbox(
             "Skip bad rows", value=False,
             help="Leave out rows that are invalid or whose image is missing or unreadable, and list them in the "
                  "run folder's skipped_rows.csv. Without it, such rows stop the run before training.")
+        amp = columns[1].checkbox("Mixed precision", value=DEFAULTS.amp,
+                                  help="float16 or bfloat16 on CUDA; bfloat16 on CPUs that support it natively.")
+        channels_last = columns[2].checkbox("Channels-last", value=DEFAULTS.channels_last,
+                                            disabled=not spec.uses_images, help="Memory format for image models.")
+        image_cache = columns[3].checkbox(
+            "Image cache", value=DEFAULTS.image_cache, disabled=not spec.uses_images,
+            help="Decode and resize each image once and keep it in the runs folder's .cache/images; "
+                 "without it, images are decoded again in every epoch.")
+        feature_cache = columns[4].checkbox(
+            "Feature cache", value=DEFAULTS.feature_cache, disabled=not spec.uses_images,
+            help="With a frozen backbone, compute its features once and train the head on them "
+                 "(augmentations are then not applied).")
 
         columns = st.columns([1, 2, 3])
         queue_one = columns[0].form_submit_button("Queue run", type="primary")
@@ -91,7 +104,8 @@ def settings_form_ui(model: str) -> tuple[TrainConfig | None, str | None, str]:
         batch_norm=batch_norm, conv_layers=conv_layers, fc_layers=None if fc_choice == "model default" else fc_choice,
         image_size=int(image_size) if spec.uses_images else None, normalization=normalization, augment=list(augment),
         loss=loss, pos_weight=pos_weight, sampler=sampler, optimizer=optimizer, lr=float(lr), epochs=int(epochs),
-        batch_size=int(batch_size), scheduler=scheduler, device=device, skip_bad_rows=skip_bad_rows,
+        batch_size=int(batch_size), scheduler=scheduler, device=device, skip_bad_rows=skip_bad_rows, amp=amp,
+        channels_last=channels_last, image_cache=image_cache, feature_cache=feature_cache,
     )
     return config, run_name.strip() or None, "ablation" if queue_ablation else "run"
 

@@ -41,6 +41,7 @@ def _config_from_arguments(arguments: list[str]) -> TrainConfig:
         {"captions": False, "dropout": 0.0, "batch_norm": True, "conv_layers": 5, "fc_layers": 3},
         {"augment": [], "pos_weight": True, "sampler": "weighted", "optimizer": "sgd", "lr": 0.01},
         {"model": "caption_only", "amp": False, "tune_thresholds": False, "limit": 100, "seed": 7, "skip_bad_rows": True},
+        {"channels_last": False, "image_cache": False, "feature_cache": False, "freeze_backbone": True},
         {"ablation_group": "g", "ablation_variant": "no_dropout", "normalization": "imagenet", "device": "cpu"},
     ],
 )

@@ -1,0 +1,136 @@
+"""Decoded-image cache: every image decoded, converted to RGB and resized once, then read from memory.
+
+One cache serves one image folder at one input size. It lives in
+`<runs_dir>/.cache/images/<folder hash>-<size>px/` as two files:
+
+- `images.u8`: a raw uint8 array of shape (slots, 3, size, size), read through `numpy.memmap`.
+- `index.json`: for each image (path relative to the folder), its slot and the file's
+  size and modification time when it was decoded.
+
+An image whose size or modification time changed since is decoded again into its
+slot, and a new image gets a new slot, so later runs at the same size decode only
+what changed. A lock file keeps two processes from updating one cache at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from core.datasets import load_resized
+from core.runs import read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR_NAME = "images"  # under <runs_dir>/.cache
+DATA_FILE = "images.u8"
+INDEX_FILE = "index.json"
+LOCK_FILE = ".lock"
+INDEX_VERSION = 1
+
+
+class ImageCache:
+    """Decoded uint8 images of one folder at one square size, stored in a memory-mapped file."""
+
+    def __init__(self, cache_root: str | os.PathLike, image_dir: str | os.PathLike, image_size: int) -> None:
+        self.image_dir = Path(image_dir).resolve()
+        self.image_size = int(image_size)
+        digest = hashlib.sha1(str(self.image_dir).encode("utf-8")).hexdigest()[:16]
+        self.root = Path(cache_root) / f"{digest}-{self.image_size}px"
+        self.slot_shape = (3, self.image_size, self.image_size)
+        self.slot_bytes = int(np.prod(self.slot_shape))
+
+    def load(self, paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+        """Return (array, slots): the memory-mapped array and each path's slot in it, in order.
+
+        Images that are new or changed since they were cached are decoded first.
+
+        Raises:
+            ValueError: an image cannot be decoded; the message names the file.
+        """
+        names = [self._relative(path) for path in paths]
+        stamps = [_stamp(path) for path in paths]
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            index = self._read_index()
+            entries: dict[str, list[int]] = index["entries"]
+            todo = [position for position, name in enumerate(names) if entries.get(name, [None])[1:] != stamps[position]]
+            if todo:
+                self._decode_into(index, [paths[position] for position in todo], [names[position] for position in todo],
+                                  [stamps[position] for position in todo])
+            slots = np.array([entries[name][0] for name in names], dtype=np.int64)
+            count = index["slots"]
+        array = np.memmap(self.root / DATA_FILE, dtype=np.uint8, mode="r", shape=(count, *self.slot_shape))
+        logger.info("image cache %s: %d images at %d px, %.1f MB%s", self.root, count, self.image_size,
+                    count * self.slot_bytes / 1e6, f" ({len(todo)} decoded now)" if todo else "")
+        return array, slots
+
+    def _relative(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.image_dir).as_posix()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.root / LOCK_FILE).open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process updates this cache
+            yield
+
+    def _read_index(self) -> dict:
+        path = self.root / INDEX_FILE
+        data_file = self.root / DATA_FILE
+        empty = {"version": INDEX_VERSION, "image_dir": str(self.image_dir), "image_size": self.image_size,
+                 "slots": 0, "entries": {}}
+        if not path.is_file():
+            return empty
+        try:
+            index = read_json(path)
+            valid = (index.get("version") == INDEX_VERSION and index.get("image_size") == self.image_size
+                     and data_file.is_file() and data_file.stat().st_size >= index["slots"] * self.slot_bytes)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            valid = False
+        if not valid:
+            logger.warning("image cache %s is damaged or from another version; decoding its images again", self.root)
+            return empty
+        return index
+
+    def _decode_into(self, index: dict, paths: list[Path], names: list[str], stamps: list[list[int]]) -> None:
+        entries = index["entries"]
+        new = [name for name in names if name not in entries]
+        for offset, name in enumerate(new):
+            entries[name] = [index["slots"] + offset, -1, -1]  # stamps are filled in once decoded
+        index["slots"] += len(new)
+
+        data_file = self.root / DATA_FILE
+        with data_file.open("ab"):
+            pass  # create it
+        required = index["slots"] * self.slot_bytes
+        if data_file.stat().st_size < required:
+            os.truncate(data_file, required)
+        array = np.memmap(data_file, dtype=np.uint8, mode="r+", shape=(index["slots"], *self.slot_shape))
+        logger.info("decoding %d image(s) into the image cache %s", len(paths), self.root)
+
+        def decode(position: int) -> None:
+            array[entries[names[position]][0]] = load_resized(paths[position], self.image_size).numpy()
+
+        try:
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+                list(pool.map(decode, range(len(paths))))  # decoding releases the GIL
+            array.flush()
+        finally:
+            del array
+        # The index is written only after the pixels are on disk, so a crash leaves stale stamps, not bad pixels.
+        for name, stamp in zip(names, stamps):
+            entries[name][1:] = stamp
+        write_json(self.root / INDEX_FILE, index)
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
