@@ -27,6 +27,7 @@ from core.trainer import (
     SAMPLERS,
     SCHEDULERS,
     TrainConfig,
+    CannotResumeError,
     create_run,
     resume,
     train,
@@ -218,18 +219,19 @@ def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
-def _changed_train_options(args: argparse.Namespace) -> list[str]:
-    """Return the training options given with a value other than their default, as flags."""
-    defaults = vars(build_parser().parse_args(["train"]))
-    names = [item.name for item in fields(TrainConfig) if item.name != "runs_dir"]
-    return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) != defaults.get(name)]
+def _given_train_options(argv: list[str]) -> list[str]:
+    """Return the training options present in `argv`, whatever their values, as flags."""
+    # Every TrainConfig field has the option --field-name, and booleans also --no-field-name.
+    names = [item.name.replace("_", "-") for item in fields(TrainConfig) if item.name != "runs_dir"]
+    flags = {f"--{name}" for name in names} | {f"--no-{name}" for name in names}
+    return [token.split("=", 1)[0] for token in argv if token.split("=", 1)[0] in flags]
 
 
 def command_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
-        changed = _changed_train_options(args)
-        if changed:
-            raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(changed)}")
+        given = _given_train_options(args.argv)
+        if given:
+            raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
         run_dir = resolve_run(args.resume, args.runs_dir)
         config = None
     else:
@@ -245,20 +247,19 @@ def command_train(args: argparse.Namespace) -> int:
             resume(run_dir)
         else:
             train(config, run_dir)
-    except RunInUseError as error:
-        logger.error("%s", error)
+    except (RunInUseError, CannotResumeError) as error:
+        logger.error("cannot %s run %s: %s", "resume" if config is None else "train", run_dir.name, error)
         return 1
     except USER_ERRORS as error:
         logger.error("run %s failed: %s", run_dir.name, describe_error(error))
         if isinstance(error, FloatingPointError) and (run_dir / "last.pt").is_file():
             logger.error("last.pt and best.pt keep the weights of the last good epoch")
-        elif (run_dir / "last.pt").is_file():
-            logger.error("its last complete epoch is in last.pt; continue with: python -m core train --resume %s",
-                         run_dir)
+        elif (run_dir / "split.json").is_file():
+            logger.error("after fixing the cause, continue with: python -m core train --resume %s", run_dir)
         return 1
     except KeyboardInterrupt:
-        logger.error("run %s interrupted by the user; continue it with: python -m core train --resume %s",
-                     run_dir.name, run_dir)
+        hint = f"; continue it with: python -m core train --resume {run_dir}" if (run_dir / "split.json").is_file() else ""
+        logger.error("run %s interrupted by the user%s", run_dir.name, hint)
         return 130
     except Exception:
         logger.exception("run %s failed with an unexpected error", run_dir.name)
@@ -393,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE") and threading.current_thread() is threading.main_thread():
         # Exit quietly when the reader of stdout goes away ("python -m core runs | head").
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # --resume checks which options were given, whatever their values
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)

@@ -54,6 +54,9 @@ COLUMNS = ("ImageID", "Labels", "Caption")
 IMAGE_DIR_NAME = "data"
 LABEL_NAMES_FILE = "labels.csv"
 MAX_PROBLEMS_SHOWN = 20
+# Captions of any length are valid; the csv module's default limit of 131,072 characters would
+# also stop it before an unclosed quote could be found and reported.
+csv.field_size_limit(2**31 - 1)
 LABEL_LIST = re.compile(r"\s*\d+(\s+\d+)*\s*")  # a Labels field: space-separated integer ids
 AUGMENTATIONS = ("hflip", "vflip", "jitter", "sharpness")
 
@@ -130,9 +133,11 @@ def _read_header(path: Path, header: list[str], require_labels: bool) -> dict[st
     missing = [column for column in required if column not in positions]
     if missing:
         expected = ",".join(COLUMNS if require_labels else ("ImageID", "Caption"))
+        separator = next((name for name in (";", "\t", "|") if any(name in field for field in names)), None)
+        hint = f" The file seems to use {separator!r} between fields; save it with commas." if separator else ""
         raise DatasetError(
             f"{path}: missing column(s) {', '.join(missing)}; found {names or 'no header'}. "
-            f"The first line must be the header {expected}."
+            f"The first line must be the header {expected}.{hint}"
         )
     if "Caption" not in positions:
         unknown = [name for index, name in enumerate(names) if index not in positions.values()]
@@ -194,7 +199,10 @@ def read_table(
         raise DatasetError(
             f"{path}: line {line} is not valid UTF-8 text (byte {error.start}); re-save the file with UTF-8 encoding"
         ) from error
-    records = _read_records(path, io.StringIO(text, newline=""), require_labels, skipped)
+    try:
+        records = _read_records(path, io.StringIO(text, newline=""), require_labels, skipped)
+    except csv.Error as error:
+        raise DatasetError(f"{path}: cannot be parsed as CSV ({error}); check its quotes and separators") from error
 
     frame = pd.DataFrame(records, columns=["ImageID", "Labels", "Caption", "line"])
     logger.info("read %d rows from %s", len(frame), path)
@@ -206,8 +214,9 @@ def _read_records(
 ) -> list[tuple]:
     reader = csv.reader(handle)
     header = next(reader, None)
+    expected = ",".join(COLUMNS if require_labels else ("ImageID", "Caption"))
     if header is None:
-        raise DatasetError(f"{path}: the file is empty; expected a header line {','.join(COLUMNS)} and rows")
+        raise DatasetError(f"{path}: the file is empty; expected a header line {expected} and rows")
     positions = _read_header(path, header, require_labels)
     width = max(len(_strip_trailing_empty(header)), max(positions.values()) + 1)
     caption_last = positions.get("Caption") == width - 1
@@ -277,7 +286,7 @@ def _read_records(
         raise DatasetError(format_problems(path, [row.describe() for row in listed], fix))
     if problems:
         skipped.extend(problems)
-        logger.warning("%s: left out %d invalid row(s)", path, len(problems))
+        logger.warning("%s: found %d invalid row(s)", path, len(problems))
     if joined_rows:
         shown = ", ".join(map(str, joined_rows[:5])) + (" and more" if len(joined_rows) > 5 else "")
         logger.warning("%s: %d row(s) had unquoted commas in the caption (lines %s); the fields were joined back",
@@ -289,23 +298,36 @@ def _read_records(
 
 
 def read_label_names(root: Path, labels: Sequence[int]) -> dict[int, str]:
-    """Name each label id: from `labels.csv` when the folder has one, else COCO names, else the id."""
+    """Name each label id: from `labels.csv` when the folder has one, else COCO names, else the id.
+
+    Ids that labels.csv leaves out are named "label N"; COCO names are used only
+    without a labels.csv, because they would mislabel another dataset's ids.
+
+    Raises:
+        DatasetError: labels.csv is not UTF-8 or has an invalid, duplicate or nameless row.
+    """
     names: dict[int, str] = {}
     names_file = root / LABEL_NAMES_FILE
-    if names_file.is_file():
-        with names_file.open(encoding="utf-8-sig", newline="") as handle:
-            for row in csv.DictReader(handle):
-                try:
-                    names[int(row["Label"])] = row["Name"].strip()
-                except (KeyError, TypeError, ValueError) as error:
-                    raise DatasetError(
-                        f"{names_file}: invalid row {row}; expected columns Label,Name with integer labels"
-                    ) from error
-    coco = all(label in COCO_NAMES for label in labels)
-    for label in labels:
-        if label not in names:
-            names[label] = COCO_NAMES[label] if coco else f"label {label}"
-    return names
+    if not names_file.is_file():
+        coco = all(label in COCO_NAMES for label in labels)
+        return {label: COCO_NAMES[label] if coco else f"label {label}" for label in labels}
+    try:
+        text = names_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{names_file}: not valid UTF-8 text (byte {error.start}); re-save it with UTF-8 encoding") \
+            from error
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    fix = "expected columns Label,Name with an integer label and a name on every row"
+    for row in reader:
+        line = reader.line_num
+        label_text, name = (row.get("Label") or "").strip(), (row.get("Name") or "").strip()
+        if not label_text.lstrip("-").isdigit() or not name:
+            raise DatasetError(f"{names_file}: line {line} ({','.join(value or '' for value in row.values())!r}) "
+                               f"is invalid; {fix}")
+        if int(label_text) in names:
+            raise DatasetError(f"{names_file}: line {line} names label {label_text} again; keep one row per label")
+        names[int(label_text)] = name
+    return {label: names.get(label, f"label {label}") for label in labels}
 
 
 def targets_from_labels(label_lists: Iterable[Sequence[int]], labels: Sequence[int]) -> np.ndarray:
@@ -373,11 +395,14 @@ class DatasetFolder:
                     problems.append(SkippedRow("train.csv", line, image_id, problem))
         return sorted(problems, key=lambda row: row.line)
 
-    def unused_images(self) -> list[str]:
-        """Return the files in the image folder that no row of train.csv or test.csv names, sorted."""
+    def unused_images(self, other_names: Iterable[str] = ()) -> list[str]:
+        """Return the files in the image folder that no row of train.csv or test.csv names, sorted.
+
+        `other_names` are ImageIDs named elsewhere, such as those of invalid rows.
+        """
         if self.image_dir is None:
             return []
-        named = {str(image_id) for image_id in self.train["ImageID"]}
+        named = {str(image_id) for image_id in self.train["ImageID"]} | set(other_names)
         if self.test is not None:
             named |= {str(image_id) for image_id in self.test["ImageID"]}
         found = []
@@ -407,13 +432,20 @@ def load_dataset(root: str | os.PathLike, skipped: list[SkippedRow] | None = Non
     Args:
         root: the dataset folder.
         skipped: None to raise on invalid rows of train.csv; a list to collect them
-            instead (see `read_table`). Invalid rows of test.csv always raise, because
-            a submission needs every row.
+            instead (see `read_table`). An unreadable test.csv raises without
+            `skipped`; with it, test.csv is left out with a warning, because only
+            submit needs it (and submit reads it strictly).
     """
     root = Path(root)
+    if root.is_file():
+        raise DatasetError(f"{root} is a file; pass the folder that contains train.csv")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} not found; pass a folder that contains train.csv")
     train_csv = root / "train.csv"
+    if train_csv.is_dir():
+        raise DatasetError(f"{train_csv} is a folder; train.csv must be a CSV file")
+    if (root / IMAGE_DIR_NAME).is_file():
+        raise DatasetError(f"{root / IMAGE_DIR_NAME} is a file; images belong in a folder named {IMAGE_DIR_NAME}/")
     if not train_csv.is_file():
         raise FileNotFoundError(
             f"{train_csv} not found; a dataset folder needs a train.csv with columns {','.join(COLUMNS)}"
@@ -426,7 +458,14 @@ def load_dataset(root: str | os.PathLike, skipped: list[SkippedRow] | None = Non
     if train.empty:
         raise DatasetError(f"{train_csv}: header only, no rows; add at least one labelled row")
     test_csv = root / "test.csv"
-    test = read_table(test_csv, require_labels=False) if test_csv.is_file() else None
+    test = None
+    if test_csv.is_file():
+        try:
+            test = read_table(test_csv, require_labels=False)
+        except DatasetError as error:
+            if skipped is None:
+                raise
+            logger.warning("%s; only submit needs test.csv, so the rest of the dataset is used", error)
 
     labels = sorted({label for row_labels in train["Labels"] for label in row_labels})
     image_dir = root / IMAGE_DIR_NAME
@@ -525,7 +564,7 @@ def _greedy_split(targets: np.ndarray, val_fraction: float, rng: np.random.Gener
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression bomb limit (about 9,500 x 9,500); larger images are refused
 
 
-BOMB_ADVICE = "which protects against decompression bombs; downscale the image or remove it"
+BOMB_ADVICE = "which protects against decompression bombs"
 # check_dimensions rejects the sizes that Pillow only warns about, so its warning would repeat the error.
 # A module-level filter, because warnings.catch_warnings is not thread-safe and ImageChecks uses threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)

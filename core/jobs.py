@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ WORKER_LOCK = "worker.lock"
 WORKER_STARTING = "worker-starting.json"  # pid and start time of a worker that has not taken the lock yet
 WORKER_START_SECONDS = 300.0  # a starting marker older than this is ignored
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LOG_LINE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} ")  # the start of a logged line
 STORE_TRUE_FLAGS = ("freeze_backbone", "pos_weight", "skip_bad_rows")  # CLI flags without a --no- form
 
 
@@ -169,6 +171,23 @@ def enqueue(args: list[str], run_name: str, runs_dir: str | os.PathLike = DEFAUL
     if start_worker:
         ensure_worker(runs_dir)
     return job
+
+
+def failure_reason(runs_dir: str | os.PathLike, job_id: str) -> str | None:
+    """Return the last error that a failed job's training process logged, with the lines it lists, or None."""
+    path = log_path(runs_dir, job_id)
+    if not path.is_file():
+        return None
+    reason: list[str] = []
+    in_error = False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if LOG_LINE.match(line):
+            in_error = " ERROR " in line
+            if in_error:
+                reason = [line.split(": ", 1)[-1]]  # drop the "<time> ERROR core: " prefix
+        elif in_error:
+            reason.append(line)  # a multi-line message: the rows it lists and the fix
+    return "\n".join(reason) if reason else None
 
 
 def resumable(run_name: str, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> bool:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -42,9 +43,10 @@ CHECKPOINT_FORMAT_VERSION = 2  # 2 added history and scaler, which resuming need
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "history", "config", "labels",
                    "format_version")
 PROGRESS_EVENTS = ("run_started", "step", "epoch_end", "checkpoint_saved", "run_finished", "run_failed")
-DEFAULT_RUNS_DIR = "checkpoints"
+DEFAULT_RUNS_DIR = os.environ.get("CORE_RUNS_DIR", "checkpoints")  # the dashboard reads the same variable
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 LOCK_FILE = ".lock"
+TEMPORARY_SUFFIX = ".tmp"
 
 
 class RunInUseError(ValueError):
@@ -54,19 +56,46 @@ class RunInUseError(ValueError):
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()  # what open() would give a new file; mkstemp alone gives 0600
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call `write(handle)` on a temporary file next to `path`, flush it to disk, then rename it to `path`."""
+    """Call `write(handle)` on a temporary file next to `path`, flush it to disk, then rename it to `path`.
+
+    Raises:
+        OSError: the file cannot be written, such as on a full disk; the message names the file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(descriptor, FILE_MODE)
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, RecursionError):
+            # torch.save reports a full disk as a RuntimeError from its zip writer.
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(f"could not write {path} ({describe_error(error).splitlines()[0]}; "
+                          f"{free / 1e6:.0f} MB free on that disk); free some space and try again") from error
         raise
+
+
+def remove_temporary_files(folder: Path) -> int:
+    """Delete temporary files that a killed process left next to its outputs; return how many."""
+    leftovers = list(Path(folder).glob(f".*{TEMPORARY_SUFFIX}"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -322,8 +351,8 @@ def summarize_run(path: Path) -> RunSummary:
         status, error = "interrupted", final.get("message")
     elif final is not None:
         status, error = "failed", f"{final.get('error_type')}: {final.get('message')}"
-    elif started is not None and process_alive(started.get("pid")):
-        status = "running"
+    elif not (path / LOCK_FILE).exists() and started is not None and process_alive(started.get("pid")):
+        status = "running"  # a run folder from before run locks: its process id is the only sign
     else:
         status = "interrupted"
 

@@ -8,6 +8,7 @@ device, data, run folder, model, loss and optimizer, epoch loop, final metrics.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -52,6 +53,7 @@ from core.runs import (
     describe_error,
     load_checkpoint,
     read_json,
+    remove_temporary_files,
     restart_progress,
     run_lock,
     save_checkpoint,
@@ -465,7 +467,7 @@ def load_checked_rows(config: TrainConfig) -> CheckedRows:
         bad_lines = {problem.line for problem in image_problems}
         rows = rows[~rows["line"].isin(bad_lines)]
         skipped = sorted(skipped + image_problems, key=lambda problem: problem.line)
-        unused = folder.unused_images()
+        unused = folder.unused_images(problem.image_id for problem in skipped)
         if unused:
             logger.warning(
                 "%d file(s) in %s have no row in train.csv or test.csv and are not used, for example %s",
@@ -489,6 +491,14 @@ def load_checked_rows(config: TrainConfig) -> CheckedRows:
             "add a Caption column or train with --no-captions"
         )
     return CheckedRows(folder=folder, rows=rows, skipped=skipped, unused_images=unused)
+
+
+def rows_fingerprint(rows) -> str:
+    """Return a SHA-1 over the ImageIDs, labels and captions of `rows`, in order."""
+    digest = hashlib.sha1()
+    for image_id, labels, caption in zip(rows["ImageID"], rows["Labels"], rows["Caption"]):
+        digest.update(f"{image_id}\t{' '.join(map(str, labels))}\t{caption}\n".encode("utf-8"))
+    return digest.hexdigest()
 
 
 def write_skipped_rows(path: Path, skipped: Sequence[SkippedRow]) -> None:
@@ -551,16 +561,23 @@ def prepare_resumed_data(config: TrainConfig, resolved: dict[str, Any], run_dir:
     for name in ("train", "val"):
         missing = [image_id for image_id in split[name] if image_id not in by_id.index]
         if missing:
-            raise DatasetError(
+            raise CannotResumeError(
                 f"{len(missing)} row(s) of run {run_dir.name} are no longer valid rows of {folder.root / 'train.csv'}, "
                 f"for example {missing[0]!r}; the dataset changed since the run started, so start a new run instead"
             )
-        parts.append(by_id.loc[list(split[name])].reset_index(drop=True))
+        part = by_id.loc[list(split[name])].reset_index(drop=True)
+        recorded = split.get("fingerprints", {}).get(name)
+        if recorded is not None and rows_fingerprint(part) != recorded:
+            raise CannotResumeError(
+                f"the labels or captions of run {run_dir.name}'s {name} rows in {folder.root / 'train.csv'} changed "
+                "since the run started; restore the file or start a new run"
+            )
+        parts.append(part)
     if resolved.get("uses_images"):
         checks = ImageChecks(Path(config.runs_dir) / IMAGE_CHECKS_FILE)
         problems = folder.image_problems(pd.concat(parts), checks.check)
         if problems:
-            raise DatasetError(datasets.format_problems(
+            raise CannotResumeError(datasets.format_problems(
                 folder.root / "train.csv", [problem.describe() for problem in problems],
                 "These images changed since the run started; restore them or start a new run.",
                 what="unusable row(s)",
@@ -724,6 +741,8 @@ def create_run(config: TrainConfig) -> Path:
     device and the data are checked first, so invalid input leaves no run folder.
     """
     config.validate()
+    if config.data is not None and Path(config.data).is_file():
+        raise ValueError(f"{config.data} is a file; pass the folder that contains train.csv")
     if config.data is not None and not Path(config.data).is_dir():
         raise FileNotFoundError(f"dataset folder {config.data} not found; pass a folder that contains train.csv")
     if config.data is not None:
@@ -755,43 +774,76 @@ def train(config: TrainConfig, run_dir: Path | None = None) -> Path:
     return run_dir
 
 
+class CannotResumeError(ValueError):
+    """A run cannot be resumed: it finished, never started training, or its data changed."""
+
+
 def resume(run_dir: Path) -> Path:
     """Continue an interrupted or failed run from its last complete epoch to its planned epochs.
 
     The settings, split and normalisation come from the run folder; last.pt gives the
     weights, optimizer state and epoch history. Epochs after the checkpoint, written
     before the process stopped, are dropped from progress.jsonl and trained again.
+    A run stopped during its first epoch starts again from epoch 1 on the same split.
 
     Raises:
         RunInUseError: another process is training the run.
-        ValueError, FileNotFoundError: the run cannot be resumed; the message gives the reason.
+        CannotResumeError: the run cannot be resumed; the message gives the reason.
     """
     run_dir = Path(run_dir)
     with run_lock(run_dir):
         resolved = read_json(run_dir / "config.json")
-        if not isinstance(resolved, dict) or "labels" not in resolved:
-            raise ValueError(f"run {run_dir.name} stopped before its first epoch; start a new run instead")
-        last = run_dir / "last.pt"
-        if not last.is_file():
-            raise ValueError(f"run {run_dir.name} has no last.pt because it stopped before its first epoch ended; "
-                             "start a new run instead")
-        state = load_checkpoint(last)
-        check_checkpoint_matches(state, resolved, last)
-        if state.get("format_version", 1) < CHECKPOINT_FORMAT_VERSION:
-            raise ValueError(f"{last} was written by an older version without the epoch history; "
-                             "it cannot be resumed, so start a new run")
+        if not isinstance(resolved, dict) or "labels" not in resolved or not (run_dir / "split.json").is_file():
+            raise CannotResumeError(f"run {run_dir.name} stopped before its data was prepared, so there is "
+                                    "nothing to continue; start a new run instead")
         config = TrainConfig.from_dict(resolved)
-        if (run_dir / "metrics.json").is_file() and state["epoch"] >= config.epochs:
-            raise ValueError(f"run {run_dir.name} already finished its {config.epochs} epoch(s); nothing to resume")
-        logger.info("resuming run %s after epoch %d of %d", run_dir.name, state["epoch"], config.epochs)
-        restart_progress(run_dir / "progress.jsonl", int(state["epoch"]), list(state["history"]))
+        removed = remove_temporary_files(run_dir)
+        if removed:
+            logger.info("removed %d temporary file(s) left by the stopped process", removed)
+        last = run_dir / "last.pt"
+        state = None
+        if last.is_file():
+            state = load_checkpoint(last)
+            try:
+                check_checkpoint_matches(state, resolved, last)
+            except ValueError as error:
+                raise CannotResumeError(str(error)) from error
+            if state.get("format_version", 1) < CHECKPOINT_FORMAT_VERSION:
+                raise CannotResumeError(f"{last} was written by an older version without the epoch history; "
+                                        "start a new run instead")
+            if (run_dir / "metrics.json").is_file() and state["epoch"] >= config.epochs:
+                raise CannotResumeError(f"run {run_dir.name} already finished its {config.epochs} epoch(s)")
+            _repair_best_checkpoint(run_dir, state)
+        done = int(state["epoch"]) if state is not None else 0
+        logger.info("resuming run %s after epoch %d of %d", run_dir.name, done, config.epochs)
+        restart_progress(run_dir / "progress.jsonl", done, list(state["history"]) if state is not None else [])
         _train_logged(config, run_dir, resume=(resolved, state))
     return run_dir
 
 
+def _repair_best_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Make best.pt hold the best epoch of last.pt's history, after a stop between the two saves."""
+    history = state["history"]
+    if not history:
+        return
+    best_epoch = max(history, key=lambda event: event.get("samples_f1_score", float("-inf")))["epoch"]
+    best_path = run_dir / "best.pt"
+    saved_epoch = load_checkpoint(best_path)["epoch"] if best_path.is_file() else None
+    if saved_epoch == best_epoch:
+        return
+    if best_epoch == state["epoch"]:
+        save_checkpoint(best_path, state)
+        logger.info("best.pt was behind last.pt; it now holds epoch %d", best_epoch)
+    else:
+        logger.warning("best.pt holds epoch %s, not the best epoch %d of the history; it is replaced when a "
+                       "resumed epoch scores higher", saved_epoch, best_epoch)
+
+
 def _train_logged(config: TrainConfig, run_dir: Path, resume: tuple[dict, dict] | None) -> None:
     progress = ProgressWriter(run_dir / "progress.jsonl")
-    started = {"resumed_after_epoch": int(resume[1]["epoch"])} if resume is not None else {}
+    started = {}
+    if resume is not None:
+        started["resumed_after_epoch"] = int(resume[1]["epoch"]) if resume[1] is not None else 0
     progress.emit("run_started", pid=os.getpid(), config=config.to_dict(), **started)
     try:
         best_metric, final = _train_in(config, run_dir, progress, resume)
@@ -843,9 +895,10 @@ def _train_in(
     train_loader, val_loader = _loaders(config, train_set, val_set, data.train_targets, workers, device, generator)
 
     # Model, loss and optimizer; a resumed run takes its weights from last.pt
+    saved = resume[1] if resume is not None else None  # last.pt of a resumed run
     model = create_model(
-        config.model, len(folder.labels), captions=config.captions, pretrained=pretrained and resume is None,
-        weights_path=config.weights if resume is None else None, dropout=config.dropout,
+        config.model, len(folder.labels), captions=config.captions, pretrained=pretrained and saved is None,
+        weights_path=config.weights if saved is None else None, dropout=config.dropout,
         batch_norm=config.batch_norm, conv_layers=config.conv_layers, fc_layers=config.fc_layers,
         hidden_size=config.hidden_size, image_size=data.image_size, freeze_backbone=config.freeze_backbone,
     ).to(device)
@@ -861,20 +914,21 @@ def _train_in(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
-    if resume is not None:
-        resolved, state = resume
+    if saved is not None:
         try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
-            raise ValueError(f"{run_dir / 'last.pt'}: weights or optimizer state do not fit the model described "
-                             f"in config.json ({error}); start a new run instead") from error
+            raise CannotResumeError(f"{run_dir / 'last.pt'}: weights or optimizer state do not fit the model "
+                                    f"described in config.json ({error}); start a new run instead") from error
         if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        history = list(state["history"])
-        best_metric = float(state["best_metric"])
+            scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+    if resume is not None:
+        resolved = resume[0]
+        history = list(saved["history"]) if saved is not None else []
+        best_metric = float(saved["best_metric"]) if saved is not None else float("-inf")
     else:
         history, best_metric = [], float("-inf")
         # Resolved settings: config.json and split.json describe the run before the first step
@@ -903,8 +957,11 @@ def _train_in(
             "created": datetime.now().isoformat(timespec="seconds"),
         }
         write_json(run_dir / "config.json", resolved)
-        write_json(run_dir / "split.json",
-                   {"train": list(data.train_rows["ImageID"]), "val": list(data.val_rows["ImageID"])})
+        write_json(run_dir / "split.json", {
+            "train": list(data.train_rows["ImageID"]),
+            "val": list(data.val_rows["ImageID"]),
+            "fingerprints": {"train": rows_fingerprint(data.train_rows), "val": rows_fingerprint(data.val_rows)},
+        })
     logger.info(
         "run %s: %s on %s (%d train / %d validation rows, %d labels, %s parameters, %s)",
         run_dir.name, config.model, device, len(train_set), len(val_set), len(folder.labels),
@@ -1021,12 +1078,12 @@ def _run_epochs(
         state.history.append({"time": round(time.time(), 3), "event": "epoch_end", **fields})
         state.best_metric = max(state.best_metric, metrics["samples_f1_score"])
         checkpoint = state.checkpoint(resolved, folder.labels)
-        # best.pt first: last.pt marks the epoch complete, and a resumed run trusts best.pt up to it.
+        # last.pt first, so best.pt is never ahead of it; a resume repairs a best.pt left behind.
+        save_checkpoint(run_dir / "last.pt", checkpoint)
+        progress.emit("checkpoint_saved", epoch=epoch, file="last.pt")
         if improved:
             save_checkpoint(run_dir / "best.pt", checkpoint)
             progress.emit("checkpoint_saved", epoch=epoch, file="best.pt")
-        save_checkpoint(run_dir / "last.pt", checkpoint)
-        progress.emit("checkpoint_saved", epoch=epoch, file="last.pt")
         progress.emit("epoch_end", **fields)
         logger.info(
             "epoch %d/%d: train loss %.4f, val loss %.4f, samples F1 %.4f, micro F1 %.4f, macro F1 %.4f (%.0f images/s)",

@@ -176,10 +176,13 @@ def job_detail_ui(job: jobs.Job) -> None:
                                 key=f"f1-{job.id}")
     if job.state == "cancelled":
         st.info("Cancelled. A run that had started keeps its last completed epoch in last.pt.")
-    elif has_run:
-        final = final_event(read_progress(run_dir / "progress.jsonl"))
-        if final is not None and final["event"] == "run_failed":
-            st.error(f"{final.get('error_type')}: {final.get('message')}")
+    elif has_run and (final := final_event(read_progress(run_dir / "progress.jsonl"))) is not None \
+            and final["event"] == "run_failed":
+        st.error(f"{final.get('error_type')}: {final.get('message')}")
+    elif job.state == "failed":
+        # The run stopped before its folder existed (invalid data, for example): the job log has the reason.
+        reason = jobs.failure_reason(runs_dir, job.id) or "The training process ended with an error; see the log."
+        st.error(reason.replace("\n", "  \n"))  # Markdown needs two spaces to keep a line break
     if job.state in ("cancelled", "failed") and jobs.resumable(job.run_name, runs_dir):
         done = len(progress.history) if progress is not None else 0
         if st.button(f"Resume after epoch {done}", key=f"resume-{job.id}",

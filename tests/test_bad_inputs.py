@@ -753,3 +753,96 @@ def test_resume_outside_runs_rejected(make_run, tmp_path, capsys, caplog, monkey
     outcome = run_cli(capsys, caplog, "train", "--resume", run, "--runs-dir", runs)
     assert_rejected(outcome, f"run {run!r} not found: no config.json in")
     assert files_under(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- 7. found by trying to break the product
+
+
+def test_unclosed_quote_beyond_csv_field_limit(dataset, tmp_path, capsys, caplog):
+    # More than 131,072 characters after the open quote: the csv module's default limit.
+    lines = csv_lines(dataset)
+    filler = [f"{24 + index}.jpg,1,A caption that is long enough to fill the file quickly." for index in range(3000)]
+    lines[4] = '3.jpg,3 4,"A drawing with an open quote'
+    write_lines(dataset, lines + filler)
+    outcome = train(capsys, caplog, dataset, tmp_path / "runs", model="caption_only")
+    assert_rejected(outcome, "line 5 (3.jpg): the caption opens a quote that is not closed")
+
+
+def test_caption_longer_than_csv_field_limit(dataset, tmp_path, capsys, caplog):
+    set_line(dataset, 5, '3.jpg,3 4,"' + "a long caption " * 12_000 + '"')
+    outcome = train(capsys, caplog, dataset, tmp_path / "runs", model="caption_only")
+    assert_trained(outcome, tmp_path / "runs" / "r", TRAIN_ROWS)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("Label,Name\n1,circle\n2\n3,triangle\n", "line 3 ('2,') is invalid; expected columns Label,Name"),
+        ("Label,Name\n1,circle\n1,disc\n", "line 3 names label 1 again"),
+        ("Label,Name\n1,\n", "line 2 ('1,') is invalid"),
+        ("Label,Name\n1,carr\xe9\n".encode("latin-1"), "labels.csv: not valid UTF-8 text"),
+    ],
+    ids=["missing-name", "duplicate-label", "empty-name", "latin-1"],
+)
+def test_labels_csv_rejected(dataset, tmp_path, capsys, caplog, content, fragment):
+    path = dataset / "labels.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    outcome = train(capsys, caplog, dataset, tmp_path / "runs", model="caption_only")
+    assert_rejected(outcome, fragment)
+
+
+def test_labels_csv_gaps_named_by_id(dataset, tmp_path, capsys, caplog):
+    (dataset / "labels.csv").write_text("Label,Name\n1,circle\n", encoding="utf-8")
+    outcome = train(capsys, caplog, dataset, tmp_path / "runs", model="caption_only")
+    config = assert_trained(outcome, tmp_path / "runs" / "r", TRAIN_ROWS)
+    assert config["label_names"]["1"] == "circle"
+    assert config["label_names"]["2"] == "label 2"  # not the COCO name "bicycle"
+
+
+def test_empty_test_csv_does_not_block_training(dataset, tmp_path, capsys, caplog):
+    (dataset / "test.csv").write_bytes(b"")
+    outcome = train(capsys, caplog, dataset, tmp_path / "runs", model="caption_only")
+    assert_trained(outcome, tmp_path / "runs" / "r", TRAIN_ROWS)
+    assert "test.csv: the file is empty; expected a header line ImageID,Caption" in outcome.log
+    assert "only submit needs test.csv" in outcome.log
+
+
+@pytest.mark.parametrize("separator", [";", "\t"], ids=["semicolons", "tabs"])
+def test_other_separator_named(dataset, tmp_path, capsys, caplog, separator):
+    write_lines(dataset, [line.replace(",", separator, 2) for line in csv_lines(dataset)])
+    outcome = train(capsys, caplog, dataset, tmp_path / "runs", model="caption_only")
+    assert_rejected(outcome, f"The file seems to use {separator!r} between fields; save it with commas.")
+
+
+def test_dataset_path_is_a_file(dataset, tmp_path, capsys, caplog):
+    outcome = train(capsys, caplog, dataset / "train.csv", tmp_path / "runs", model="caption_only")
+    assert_rejected(outcome, "train.csv is a file; pass the folder that contains train.csv")
+
+
+def test_full_disk_while_saving_named(dataset, tmp_path, capsys, caplog, monkeypatch):
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 65852096 vs 65851988")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    outcome = train(capsys, caplog, dataset, tmp_path / "runs", model="caption_only")
+    assert_rejected(outcome, "could not write", "last.pt", "free some space and try again")
+    assert not list((tmp_path / "runs" / "r").glob(".*.tmp"))
+    assert errno.ENOSPC  # the real error is ENOSPC, which torch reports as this RuntimeError
+
+
+def test_run_files_follow_umask(dataset, tmp_path, capsys, caplog):
+    outcome = train(capsys, caplog, dataset, tmp_path / "runs", model="caption_only")
+    assert outcome.code == 0
+    expected = 0o666 & ~_current_umask()
+    for name in ("config.json", "metrics.json", "best.pt", "last.pt"):
+        assert (tmp_path / "runs" / "r" / name).stat().st_mode & 0o777 == expected, name
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

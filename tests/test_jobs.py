@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import fields
@@ -286,3 +287,27 @@ def test_resume_job_continues_interrupted_run(tmp_path, monkeypatch):
     assert epochs == [1, 2, 3]
     assert summarize_run(runs / "cut").status == "finished"
     assert not jobs.resumable("cut", runs)
+
+
+def test_failure_reason_from_job_log(tmp_path):
+    runs = tmp_path / "runs"
+    jobs.jobs_dir(runs).mkdir(parents=True)
+    jobs.log_path(runs, "j").write_text(
+        "2026-01-01 10:00:00,000 INFO core.datasets: read 3 rows\n"
+        "2026-01-01 10:00:01,000 ERROR core: /d/train.csv: 2 unusable row(s):\n"
+        "  line 2 (a.jpg): empty file (0 bytes)\n"
+        "  line 3 (b.jpg): image not found in /d/data\n"
+        "Fix or remove these rows, or pass --skip-bad-rows to train on the other 1 row(s).\n"
+    )
+    reason = jobs.failure_reason(runs, "j")
+    assert reason.splitlines()[0] == "/d/train.csv: 2 unusable row(s):"
+    assert "  line 3 (b.jpg): image not found in /d/data" in reason
+    assert reason.splitlines()[-1].startswith("Fix or remove these rows")
+    assert jobs.failure_reason(runs, "missing") is None
+
+
+def test_cli_uses_core_runs_dir(tmp_path):
+    environment = {**os.environ, "CORE_RUNS_DIR": str(tmp_path / "elsewhere")}
+    output = subprocess.run([sys.executable, "-m", "core", "runs"], cwd=jobs.PROJECT_ROOT, env=environment,
+                            capture_output=True, text=True, check=True).stdout
+    assert f"no runs in {tmp_path / 'elsewhere'}" in output

@@ -17,7 +17,7 @@ from core.__main__ import main
 from core.demo import make_demo
 from core.predict import Predictor
 from core.runs import RunInUseError, load_checkpoint, read_progress, run_lock, run_locked, summarize_run
-from core.trainer import TrainConfig, build_loss, create_run, resume, train
+from core.trainer import CannotResumeError, TrainConfig, build_loss, create_run, resume, train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,13 +128,21 @@ def test_resume_before_first_epoch_refused(dataset, tmp_path, capsys, caplog):
     run_dir = create_run(config)
     code = main(["train", "--resume", str(run_dir)])
     assert code == 1
-    assert "stopped before its first epoch" in caplog.text
+    assert "cannot resume run r: run r stopped before its data was prepared" in caplog.text
+    assert "continue with" not in caplog.text
 
 
 def test_resume_refuses_other_options(dataset, tmp_path, caplog):
     code = main(["train", "--resume", "r", "--epochs", "9", "--lr", "0.1", "--runs-dir", str(tmp_path)])
     assert code == 1
-    assert "--resume continues a run with its own settings; drop --lr, --epochs" in caplog.text
+    assert "--resume continues a run with its own settings; drop --epochs, --lr" in caplog.text
+
+
+def test_resume_refuses_options_with_default_values(tmp_path, caplog):
+    # --epochs 5 is the default value, yet it is given: it would be silently ignored.
+    code = main(["train", "--resume", "r", "--epochs", "5", "--no-amp", "--runs-dir", str(tmp_path)])
+    assert code == 1
+    assert "drop --epochs, --no-amp" in caplog.text
 
 
 def test_resume_after_dataset_changed_refused(tmp_path, monkeypatch):
@@ -282,3 +290,66 @@ def test_resume_with_checkpoint_of_other_run_refused(dataset, tmp_path, monkeypa
 
     with pytest.raises(ValueError, match=r"checkpoint is for model 'caption_only' but config\.json says 'cnn2'"):
         resume(runs / "r")
+
+
+def _interrupt_at(monkeypatch, epoch: int):
+    import core.trainer as trainer
+
+    original = trainer.train_one_epoch
+
+    def interrupt(*args, **kwargs):
+        if args[7] == epoch:  # the epoch argument
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
+    return lambda: monkeypatch.setattr(trainer, "train_one_epoch", original)
+
+
+def test_resume_run_stopped_in_first_epoch(dataset, tmp_path, monkeypatch):
+    restore = _interrupt_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(dataset, tmp_path / "runs", epochs=2))
+    restore()
+    run_dir = tmp_path / "runs" / "r"
+    assert not (run_dir / "last.pt").exists()
+    resume(run_dir)
+    assert _epochs(run_dir) == [1, 2]
+    assert summarize_run(run_dir).status == "finished"
+
+
+def test_resume_refuses_changed_labels(dataset, tmp_path, monkeypatch):
+    data = make_demo(tmp_path / "set", train_rows=40, test_rows=2, image_size=32, seed=6)
+    restore = _interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(data, tmp_path / "runs"))
+    restore()
+    lines = (data / "train.csv").read_text().splitlines()
+    image_id, _, caption = lines[1].split(",", 2)
+    lines[1] = f"{image_id},1 2 3,{caption}"
+    (data / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CannotResumeError, match=r"the labels or captions of run r's (train|val) rows .* changed"):
+        resume(tmp_path / "runs" / "r")
+
+
+def test_resume_removes_temporary_files_and_repairs_best(dataset, tmp_path, monkeypatch, caplog):
+    restore = _interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(dataset, tmp_path / "runs"))
+    restore()
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / ".best.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    # A stop between saving last.pt and best.pt leaves best.pt behind the best epoch of the history.
+    last = load_checkpoint(run_dir / "last.pt")
+    best_epoch = max(last["history"], key=lambda event: event["samples_f1_score"])["epoch"]
+    if best_epoch == last["epoch"]:
+        older = {**last, "epoch": 1}
+        from core.runs import save_checkpoint
+
+        save_checkpoint(run_dir / "best.pt", older)
+    resume(run_dir)
+    assert not list(run_dir.glob(".*.tmp"))
+    assert "removed 1 temporary file(s)" in caplog.text
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = load_checkpoint(run_dir / "last.pt")["history"]
+    assert metrics["best_epoch"] == max(history, key=lambda event: event["samples_f1_score"])["epoch"]
