@@ -54,8 +54,8 @@ COLUMNS = ("ImageID", "Labels", "Caption")
 IMAGE_DIR_NAME = "data"
 LABEL_NAMES_FILE = "labels.csv"
 MAX_PROBLEMS_SHOWN = 20
-# Captions of any length are valid; the csv module's default limit of 131,072 characters would
-# also stop it before an unclosed quote could be found and reported.
+# Captions of any length are valid. The csv module's default limit of 131,072 characters would
+# also stop reading before an unclosed quote could be found and reported.
 csv.field_size_limit(2**31 - 1)
 LABEL_LIST = re.compile(r"\s*\d+(\s+\d+)*\s*")  # a Labels field: space-separated integer ids
 AUGMENTATIONS = ("hflip", "vflip", "jitter", "sharpness")

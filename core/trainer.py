@@ -833,9 +833,9 @@ def _repair_best_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
         return
     if best_epoch == state["epoch"]:
         save_checkpoint(best_path, state)
-        logger.info("best.pt was behind last.pt; it now holds epoch %d", best_epoch)
+        logger.info("best.pt was older than last.pt; it now contains epoch %d", best_epoch)
     else:
-        logger.warning("best.pt holds epoch %s, not the best epoch %d of the history; it is replaced when a "
+        logger.warning("best.pt contains epoch %s, not the best epoch %d of the history; it is replaced when a "
                        "resumed epoch scores higher", saved_epoch, best_epoch)
 
 
@@ -1014,7 +1014,7 @@ def _loaders(config: TrainConfig, train_set, val_set, train_targets: np.ndarray,
 
 @dataclass
 class StepSetup:
-    """How batches become model output: device, precision and the input pipelines."""
+    """Settings that turn batches into model output: device, precision and the input pipelines."""
 
     device: torch.device
     amp_dtype: torch.dtype | None

@@ -484,7 +484,8 @@ def test_read_label_names_file_overrides(tmp_path):
     _write(tmp_path / "labels.csv", "Label,Name\n1, human \n")
     names = read_label_names(tmp_path, [1, 19])
     assert names[1] == "human"
-    assert names[19] == "horse"
+    # With a labels.csv, its gaps are not filled with COCO names, which would mislabel another dataset's ids.
+    assert names[19] == "label 19"
 
 
 def test_read_label_names_non_coco_ids(tmp_path):
@@ -502,7 +503,7 @@ def test_read_label_names_file_non_coco(tmp_path):
 
 def test_read_label_names_invalid_file(tmp_path):
     path = _write(tmp_path / "labels.csv", "Label,Name\none,person\n")
-    with pytest.raises(DatasetError, match="expected columns Label,Name with integer labels") as error:
+    with pytest.raises(DatasetError, match="expected columns Label,Name with an integer label") as error:
         read_label_names(tmp_path, [1])
     assert str(path) in str(error.value)
 
@@ -512,7 +513,7 @@ def test_load_dataset_labels_csv_names(tmp_path):
     _write(tmp_path / "labels.csv", "Label,Name\n3,automobile\n")
     dataset = load_dataset(tmp_path)
     assert dataset.labels == [1, 3]
-    assert dataset.label_names == {1: "person", 3: "automobile"}
+    assert dataset.label_names == {1: "label 1", 3: "automobile"}
 
 
 def test_targets_from_labels_matrix():

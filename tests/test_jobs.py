@@ -276,7 +276,8 @@ def test_resume_job_continues_interrupted_run(tmp_path, monkeypatch):
     assert jobs.resumable("cut", runs)
 
     job = jobs.enqueue_resume("cut", runs, start_worker=False)
-    assert job.id == "cut-resume-1" and job.run_name == "cut"
+    assert job.id == "cut-resume-1"
+    assert job.run_name == "cut"
     assert not jobs.resumable("cut", runs)  # queued already
     with pytest.raises(ValueError, match="cannot be resumed"):
         jobs.enqueue_resume("cut", runs, start_worker=False)
