@@ -174,10 +174,10 @@ def job_detail_ui(job: jobs.Job) -> None:
                                                                  ("micro_f1_score", "micro F1"),
                                                                  ("macro_f1_score", "macro F1")], "Validation F1"),
                                 key=f"f1-{job.id}")
+    final = final_event(read_progress(run_dir / "progress.jsonl")) if has_run else None
     if job.state == "cancelled":
         st.info("Cancelled. A run that had started keeps its last completed epoch in last.pt.")
-    elif has_run and (final := final_event(read_progress(run_dir / "progress.jsonl"))) is not None \
-            and final["event"] == "run_failed":
+    elif final is not None and final["event"] == "run_failed":
         st.error(f"{final.get('error_type')}: {final.get('message')}")
     elif job.state == "failed":
         # The run stopped before its folder existed (invalid data, for example): the job log has the reason.

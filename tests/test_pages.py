@@ -223,6 +223,22 @@ def test_train_page_resumes_cancelled_run(dashboard_env, monkeypatch):
     assert any("Finished: Epoch 2/2" in text for text in progress_texts)
 
 
+def test_train_page_shows_why_a_job_failed(dashboard_env):
+    (dashboard_env["demo"] / "data" / "3.jpg").write_bytes(b"")
+    app = _open_page("pages/train.py")
+    app.selectbox[0].set_value("cnn2")
+    app.run()
+    app.text_input[0].set_value("refused")
+    app.button(key="FormSubmitter:train_settings-Queue run").click()
+    app.run()
+    assert [job.state for job in _wait_for_jobs(dashboard_env["runs"])] == ["failed"]
+    app.run()
+    assert not app.exception
+    errors = "\n".join(str(element.value) for element in app.error)
+    assert "1 unusable row(s)" in errors
+    assert "(3.jpg): empty file (0 bytes)" in errors
+
+
 def test_train_page_skip_bad_rows_option(dashboard_env):
     (dashboard_env["demo"] / "data" / "3.jpg").write_bytes(b"")
     app = _open_page("pages/train.py")
