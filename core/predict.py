@@ -189,6 +189,11 @@ class Predictor:
             if missing:
                 shown = "\n  ".join(missing[:5])
                 raise FileNotFoundError(f"{len(missing)} image(s) not found:\n  {shown}\nAdd the files or remove their rows.")
+            unreadable = [f"line {line} ({image_id}): {problem}" for line, image_id, problem
+                          in zip(rows["line"], rows["ImageID"], datasets.ImageChecks().check(paths)) if problem]
+            if unreadable:
+                raise datasets.DatasetError(datasets.format_problems(
+                    image_dir, unreadable, "Replace these images or remove their rows.", what="unreadable image(s)"))
         captions = list(rows["Caption"]) if self.config["captions"] else [""] * len(rows)
         dataset = CaptionedImages(paths, captions, np.zeros((len(rows), len(self.labels)), np.float32),
                                   self.image_size or 0, self.transform)
@@ -223,6 +228,8 @@ def evaluate_run(
         source = f"validation part of {folder.root}"
     else:
         rows = datasets.read_table(csv_path, require_labels=True)
+        if rows.empty:
+            raise datasets.DatasetError(f"{csv_path}: header only, no rows to evaluate on; add labelled rows")
         images = Path(image_dir) if image_dir else Path(csv_path).parent / datasets.IMAGE_DIR_NAME
         source = str(csv_path)
 
@@ -274,6 +281,8 @@ def write_submission(run_dir: Path, data_dir: str, out_path: str, checkpoint: st
     if not test_csv.is_file():
         raise FileNotFoundError(f"{test_csv} not found; a submission needs the dataset's test.csv (ImageID,Caption)")
     rows = datasets.read_table(test_csv, require_labels=False)
+    if rows.empty:
+        logger.warning("%s has no rows, so the submission has only its header", test_csv)
     image_dir = Path(data_dir) / datasets.IMAGE_DIR_NAME
     probs = predictor.predict_rows(rows, image_dir if predictor.uses_images else None,
                                    workers=default_workers_for(predictor))

@@ -846,3 +846,21 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_evaluate_csv_lists_every_unreadable_image(shared_runs, tmp_path, capsys, caplog):
+    images = tmp_path / "data"
+    shutil.copytree(shared_runs.dataset / "data", images)
+    (images / "1.jpg").write_bytes(b"")
+    (images / "2.jpg").write_text("not an image")
+    labelled = write_labelled_csv(shared_runs, tmp_path / "labelled.csv", {})
+    outcome = run_cli(capsys, caplog, "evaluate", shared_runs.image_run, "--csv", labelled, "--images", images)
+    assert_rejected(outcome, "2 unreadable image(s)", "line 3 (1.jpg): empty file (0 bytes)",
+                    "line 4 (2.jpg): not an image file")
+
+
+def test_evaluate_header_only_csv(shared_runs, tmp_path, capsys, caplog):
+    labelled = tmp_path / "empty.csv"
+    labelled.write_text("ImageID,Labels,Caption\n", encoding="utf-8")
+    outcome = run_cli(capsys, caplog, "evaluate", shared_runs.image_run, "--csv", labelled)
+    assert_rejected(outcome, "header only, no rows to evaluate on")
