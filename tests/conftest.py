@@ -42,3 +42,18 @@ def demo_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO)
+
+
+def interrupt_training_at(monkeypatch, epoch: int):
+    """Make training raise KeyboardInterrupt when `epoch` starts, as Ctrl-C would; return a function that undoes it."""
+    import core.trainer as trainer
+
+    original = trainer.train_one_epoch
+
+    def interrupt(*args, **kwargs):
+        if args[7] == epoch:  # the epoch argument of train_one_epoch
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
+    return lambda: monkeypatch.setattr(trainer, "train_one_epoch", original)

@@ -283,7 +283,7 @@ def test_read_table_collects_skipped_rows(tmp_path):
 
 
 def test_read_table_unclosed_quote_raises_even_when_skipping(tmp_path):
-    # The rows after an unclosed quote cannot be told apart, so skipping it would lose them silently.
+    # The rows after an unclosed quote cannot be distinguished, so skipping it would lose them silently.
     path = _write(tmp_path / "train.csv", 'ImageID,Labels,Caption\n1.jpg,1,"a cat\n2.jpg,1,a dog\n3.jpg,2,a cow\n')
     with pytest.raises(DatasetError, match="opens a quote that is not closed"):
         read_table(path, skipped=[])
@@ -809,13 +809,13 @@ def test_image_checks_cache_reused_and_invalidated(tmp_path):
     assert ImageChecks(cache).check([good]) == [None]
     assert cache.is_file()
 
-    # A second instance reads the answer from the file instead of decoding the image again.
+    # A second instance reads the result from the file instead of decoding the image again.
     known = json.loads(cache.read_text())
     known[str(good)][2] = "remembered"
     cache.write_text(json.dumps(known))
     assert ImageChecks(cache).check([good]) == ["remembered"]
 
-    # Changing the file (its size and time) invalidates the remembered answer.
+    # Changing the file (its size and time) invalidates the stored result.
     good.write_bytes(b"no longer an image, and a different size")
     assert ImageChecks(cache).check([good])[0].startswith("not an image file")
 

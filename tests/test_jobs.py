@@ -17,6 +17,7 @@ from core import jobs
 from core.__main__ import build_parser
 from core.runs import read_progress, summarize_run
 from core.trainer import TrainConfig, ablation_configs
+from tests.conftest import interrupt_training_at
 
 
 def _caption_dataset(root: Path, rows: int = 40) -> Path:
@@ -258,21 +259,14 @@ def _dead_pid() -> int:
 
 
 def test_resume_job_continues_interrupted_run(tmp_path, monkeypatch):
-    import core.trainer as trainer
+    from core.trainer import train
 
     data = _caption_dataset(tmp_path / "captions")
     runs = tmp_path / "runs"
-    original = trainer.train_one_epoch
-
-    def interrupt_second_epoch(*args, **kwargs):
-        if args[7] == 2:  # the epoch argument
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupt_second_epoch)
+    restore = interrupt_training_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(TrainConfig(data=str(data), model="caption_only", epochs=3, runs_dir=str(runs), run_name="cut"))
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+        train(TrainConfig(data=str(data), model="caption_only", epochs=3, runs_dir=str(runs), run_name="cut"))
+    restore()
     assert jobs.resumable("cut", runs)
 
     job = jobs.enqueue_resume("cut", runs, start_worker=False)

@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 from core import jobs
 from core.demo import make_demo
 from core.trainer import TrainConfig, train
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, interrupt_training_at
 
 
 @pytest.fixture
@@ -190,21 +190,12 @@ def test_train_page_invalid_setting_message(dashboard_env):
 
 
 def test_train_page_resumes_cancelled_run(dashboard_env, monkeypatch):
-    import core.trainer as trainer
-
     runs = dashboard_env["runs"]
-    original = trainer.train_one_epoch
-
-    def interrupt_second_epoch(*args, **kwargs):
-        if args[7] == 2:  # the epoch argument
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupt_second_epoch)
+    restore = interrupt_training_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(data=str(dashboard_env["demo"]), model="caption_only", epochs=2,
                           runs_dir=str(runs), run_name="cut"))
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    restore()
     # Record the run as a cancelled dashboard job, as Cancel leaves it.
     job = jobs.enqueue(["--model", "caption_only"], "cut-job", runs, start_worker=False)
     job.run_name, job.state = "cut", "cancelled"

@@ -17,6 +17,7 @@ from core.__main__ import main
 from core.demo import make_demo
 from core.predict import Predictor
 from core.runs import RunInUseError, load_checkpoint, read_progress, run_lock, run_locked, summarize_run
+from tests.conftest import interrupt_training_at
 from core.trainer import CannotResumeError, TrainConfig, build_loss, create_run, resume, train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -38,13 +39,13 @@ def _epochs(run_dir: Path) -> list[int]:
     return [event["epoch"] for event in read_progress(run_dir / "progress.jsonl") if event["event"] == "epoch_end"]
 
 
-def _wait_for(predicate, seconds: float, what: str) -> None:
+def _wait_for(predicate, seconds: float, description: str) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {description}")
 
 
 def test_sigkill_mid_epoch_then_resume(tmp_path, capsys):
@@ -91,19 +92,10 @@ def test_resume_after_stop_between_checkpoint_and_event(dataset, tmp_path, monke
     # A process killed after saving last.pt but before writing epoch_end leaves the epoch only in the checkpoint.
     runs = tmp_path / "runs"
     config = _config(dataset, runs)
-    import core.trainer as trainer
-
-    original = trainer.train_one_epoch
-
-    def interrupt_third_epoch(*args, **kwargs):
-        if args[7] == 3:  # the epoch argument
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupt_third_epoch)
+    restore = interrupt_training_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(config)
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    restore()
     run_dir = runs / "r"
     assert summarize_run(run_dir).status == "interrupted"
 
@@ -148,19 +140,10 @@ def test_resume_refuses_options_with_default_values(tmp_path, caplog):
 def test_resume_after_dataset_changed_refused(tmp_path, monkeypatch):
     data = make_demo(tmp_path / "set", train_rows=40, test_rows=2, image_size=32, seed=4)
     runs = tmp_path / "runs"
-    import core.trainer as trainer
-
-    original = trainer.train_one_epoch
-
-    def interrupt_second_epoch(*args, **kwargs):
-        if args[7] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupt_second_epoch)
+    restore = interrupt_training_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(_config(data, runs))
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    restore()
 
     lines = (data / "train.csv").read_text().splitlines(keepends=True)
     (data / "train.csv").write_text("".join(lines[:-3]))
@@ -271,20 +254,11 @@ def test_nan_validation_loss_saves_no_weights(dataset, tmp_path, monkeypatch):
 
 
 def test_resume_with_checkpoint_of_other_run_refused(dataset, tmp_path, monkeypatch):
-    import core.trainer as trainer
-
     runs = tmp_path / "runs"
-    original = trainer.train_one_epoch
-
-    def interrupt_second_epoch(*args, **kwargs):
-        if args[7] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupt_second_epoch)
+    restore = interrupt_training_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(_config(dataset, runs))
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    restore()
     other = train(_config(dataset, runs, model="caption_only", epochs=1, run_name="other"))
     (runs / "r" / "last.pt").write_bytes((other / "last.pt").read_bytes())
 
@@ -292,22 +266,8 @@ def test_resume_with_checkpoint_of_other_run_refused(dataset, tmp_path, monkeypa
         resume(runs / "r")
 
 
-def _interrupt_at(monkeypatch, epoch: int):
-    import core.trainer as trainer
-
-    original = trainer.train_one_epoch
-
-    def interrupt(*args, **kwargs):
-        if args[7] == epoch:  # the epoch argument
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
-    return lambda: monkeypatch.setattr(trainer, "train_one_epoch", original)
-
-
 def test_resume_run_stopped_in_first_epoch(dataset, tmp_path, monkeypatch):
-    restore = _interrupt_at(monkeypatch, 1)
+    restore = interrupt_training_at(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(_config(dataset, tmp_path / "runs", epochs=2))
     restore()
@@ -320,7 +280,7 @@ def test_resume_run_stopped_in_first_epoch(dataset, tmp_path, monkeypatch):
 
 def test_resume_refuses_changed_labels(dataset, tmp_path, monkeypatch):
     data = make_demo(tmp_path / "set", train_rows=40, test_rows=2, image_size=32, seed=6)
-    restore = _interrupt_at(monkeypatch, 2)
+    restore = interrupt_training_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(_config(data, tmp_path / "runs"))
     restore()
@@ -333,7 +293,7 @@ def test_resume_refuses_changed_labels(dataset, tmp_path, monkeypatch):
 
 
 def test_resume_removes_temporary_files_and_repairs_best(dataset, tmp_path, monkeypatch, caplog):
-    restore = _interrupt_at(monkeypatch, 3)
+    restore = interrupt_training_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(_config(dataset, tmp_path / "runs"))
     restore()
