@@ -35,6 +35,13 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# A backbone in evaluation mode runs on a CPU in chunks of this many images. On the
+# 2-core development machine, efficientnet_lite0 at 224 px ran 2 to 2.5 times faster in
+# chunks of 8 than in one batch of 32, and cnn2 at 128 px 1.6 times, because a
+# chunk's activations stay in the CPU caches; resnet18 and resnet50 gained a little.
+# Training steps gained nothing, and a GPU wants large batches, so both are left whole.
+CPU_INFERENCE_CHUNK = 8
+
 
 class PretrainedWeightsError(FileNotFoundError):
     """Pretrained weights are not available locally and could not be downloaded."""
@@ -188,7 +195,7 @@ class CaptionClassifier(nn.Module):
         if self.backbone is not None:
             if images is None:
                 raise ValueError("this model needs images; pass an image batch")
-            features = self.backbone(images)
+            features = self.image_features(images)
             if isinstance(features, tuple):  # Inception in training mode: (features, aux features)
                 features, aux_features = features
                 if self.aux_fc is not None:
@@ -197,6 +204,18 @@ class CaptionClassifier(nn.Module):
         if return_aux:
             return logits, aux_logits
         return logits
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run the backbone on `images`; on a CPU in evaluation mode, in chunks of `CPU_INFERENCE_CHUNK`.
+
+        Evaluation mode makes each image's features independent of the rest of the
+        batch (batch normalisation uses its running statistics), so chunking changes
+        nothing but the speed. A frozen backbone stays in evaluation mode while the
+        head trains.
+        """
+        if self.backbone.training or images.device.type != "cpu" or len(images) <= CPU_INFERENCE_CHUNK:
+            return self.backbone(images)
+        return torch.cat([self.backbone(chunk) for chunk in images.split(CPU_INFERENCE_CHUNK)])
 
     def classify(self, features: torch.Tensor | None, captions: CaptionBatch | None = None) -> torch.Tensor:
         """Compute logits from backbone features (B, feature_dim), or None for caption_only, and captions.
@@ -298,7 +317,10 @@ def _conv_stack(channels: list[int], kernel_size: int, batch_norm: bool) -> nn.S
         layers.append(nn.Conv2d(width_in, width_out, kernel_size, stride=1, padding=kernel_size // 2, bias=not batch_norm))
         if batch_norm:
             layers.append(nn.BatchNorm2d(width_out))
-        layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        # Pooling before the ReLU gives the same output and gradients as the usual order,
+        # because max and ReLU commute, and the ReLU then runs on a quarter of the values.
+        # The order holds no weights, so checkpoints written with either order load.
+        layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
     # A fixed 4x4 grid keeps the feature width independent of the input size.
     layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten()]
     return nn.Sequential(*layers)

@@ -700,7 +700,7 @@ def extract_features(
     features = []
     for images, _, _ in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            output = model.backbone(inputs.images(images))
+            output = model.image_features(inputs.images(images))
         features.append((output[0] if isinstance(output, tuple) else output).float().cpu())
     return torch.cat(features)
 
@@ -951,8 +951,8 @@ def _train_in(
             "device_used": str(device),
             "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
             "workers_used": workers,
-        "channels_last": channels_last,
-        "image_cache_dir": str(cache.root) if cache is not None else None,
+            "channels_last": channels_last,
+            "image_cache_dir": str(cache.root) if cache is not None else None,
             "versions": library_versions(),
             "created": datetime.now().isoformat(timespec="seconds"),
         }

@@ -13,6 +13,7 @@ from torch import nn
 
 from core.encoder import TRIGRAM_DIM, encode_batch, trigram_id
 from core.models import (
+    CPU_INFERENCE_CHUNK,
     LITE_MEAN,
     LITE_STD,
     PretrainedWeightsError,
@@ -544,3 +545,76 @@ def test_count_parameters_trainable_only_frozen():
 
     assert count_parameters(model) == convolutions + head
     assert count_parameters(model, trainable_only=True) == head
+
+
+# ----------------------------------------------------------------------------- speed-ups that change no result
+
+
+def _relu_then_pool(backbone: nn.Sequential, images: torch.Tensor) -> torch.Tensor:
+    """The conv stack in the textbook order: convolution, batch norm, ReLU, then max pooling."""
+    output = images
+    for module in backbone:
+        if isinstance(module, nn.MaxPool2d):
+            continue
+        output = module(output)
+        if isinstance(module, nn.ReLU):
+            output = nn.functional.max_pool2d(output, 2)
+    return output
+
+
+@pytest.mark.parametrize("name, batch_norm", [("cnn2", False), ("cnn2", True), ("basic_cnn", False)])
+def test_conv_stack_pool_before_relu_matches_textbook_order(name, batch_norm):
+    torch.manual_seed(0)
+    model = create_model(name, NUM_LABELS, batch_norm=batch_norm).train()
+    images = _images(32).requires_grad_(True)
+    reference = images.detach().clone().requires_grad_(True)
+
+    output = model.backbone(images)
+    expected = _relu_then_pool(model.backbone, reference)
+    torch.testing.assert_close(output, expected)
+
+    output.square().sum().backward()
+    weight_grads = [conv.weight.grad.clone() for conv in model.backbone if isinstance(conv, nn.Conv2d)]
+    model.zero_grad()
+    expected.square().sum().backward()
+    torch.testing.assert_close(images.grad, reference.grad)
+    for conv, grad in zip([m for m in model.backbone if isinstance(m, nn.Conv2d)], weight_grads):
+        torch.testing.assert_close(grad, conv.weight.grad)
+
+
+def _count_backbone_calls(model) -> list[int]:
+    sizes = []
+    model.backbone.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    return sizes
+
+
+@pytest.mark.parametrize("name, size", [("cnn2", 64), ("efficientnet_lite0", 64)])
+def test_image_features_eval_mode_runs_cpu_chunks_with_same_result(name, size):
+    torch.manual_seed(0)
+    model = create_model(name, NUM_LABELS, pretrained=False, image_size=size).eval()
+    images = _images(size, batch=CPU_INFERENCE_CHUNK * 2 + 3)
+    with torch.no_grad():
+        whole = model.backbone(images)
+        sizes = _count_backbone_calls(model)
+        chunked = model.image_features(images)
+
+    assert sizes == [CPU_INFERENCE_CHUNK, CPU_INFERENCE_CHUNK, 3]
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_image_features_training_backbone_runs_whole_batch():
+    # Batch normalisation in training mode uses the statistics of the whole batch.
+    model = create_model("cnn2", NUM_LABELS, batch_norm=True).train()
+    sizes = _count_backbone_calls(model)
+    model(_images(32, batch=CPU_INFERENCE_CHUNK * 2), encode_batch(CAPTIONS * CPU_INFERENCE_CHUNK))
+    assert sizes == [CPU_INFERENCE_CHUNK * 2]
+
+
+def test_image_features_frozen_backbone_chunks_while_head_trains():
+    model = create_model("cnn2", NUM_LABELS, batch_norm=True, freeze_backbone=True).train()
+    sizes = _count_backbone_calls(model)
+    logits = model(_images(32, batch=CPU_INFERENCE_CHUNK + 1), encode_batch(CAPTIONS * 4 + CAPTIONS[:1]))
+    logits.sum().backward()
+
+    assert sizes == [CPU_INFERENCE_CHUNK, 1]
+    assert model.image_fc.weight.grad is not None
