@@ -132,8 +132,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
+    # No abbreviated options: `--resume` must see every training option under its full name.
     parser = argparse.ArgumentParser(
-        prog="python -m core", formatter_class=formatter,
+        prog="python -m core", formatter_class=formatter, allow_abbrev=False,
         description="Train, evaluate and use multi-label image classifiers with captions.",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train_parser = commands.add_parser(
-        "train", formatter_class=formatter, parents=[common],
+        "train", formatter_class=formatter, parents=[common], allow_abbrev=False,
         help="train a model; writes a run folder",
         description="Train a model and write a run folder under --runs-dir.")
     train_parser.add_argument("--resume", metavar="RUN",
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_help = "run folder, or a run name under --runs-dir"
     evaluate_parser = commands.add_parser(
-        "evaluate", formatter_class=formatter, parents=[common],
+        "evaluate", formatter_class=formatter, parents=[common], allow_abbrev=False,
         help="score a run on its validation part or a labelled CSV",
         description="Score a run's checkpoint: samples, micro and macro F1 and per-label scores.")
     evaluate_parser.add_argument("run", help=run_help)
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
 
     predict_parser = commands.add_parser(
-        "predict", formatter_class=formatter, parents=[common],
+        "predict", formatter_class=formatter, parents=[common], allow_abbrev=False,
         help="label one image and caption",
         description="Print every label's probability for one image and caption; predicted labels are marked.")
     predict_parser.add_argument("run", help=run_help)
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
 
     submit_parser = commands.add_parser(
-        "submit", formatter_class=formatter, parents=[common],
+        "submit", formatter_class=formatter, parents=[common], allow_abbrev=False,
         help="write a Kaggle-style ImageID,Labels file for test.csv",
         description="Predict every row of DATA/test.csv and write ImageID,Labels with space-separated label ids.")
     submit_parser.add_argument("run", help=run_help)
@@ -187,20 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     submit_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
 
     runs_parser = commands.add_parser(
-        "runs", formatter_class=formatter, parents=[common],
+        "runs", formatter_class=formatter, parents=[common], allow_abbrev=False,
         help="list run folders with their metrics",
         description="List run folders, newest first, with status and best metrics.")
     runs_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
     runs_parser.add_argument("--json", action="store_true", help="print the list as JSON")
 
     queue_parser = commands.add_parser(
-        "queue", formatter_class=formatter, parents=[common],
+        "queue", formatter_class=formatter, parents=[common], allow_abbrev=False,
         help="run queued training jobs one at a time (the dashboard starts this)",
         description="Run the training jobs queued in RUNS_DIR/.jobs one at a time, then exit.")
     queue_parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder that contains the run folders")
 
     demo_parser = commands.add_parser(
-        "make-demo", formatter_class=formatter, parents=[common],
+        "make-demo", formatter_class=formatter, parents=[common], allow_abbrev=False,
         help="write a generated demo dataset of coloured shapes",
         description="Write a small dataset in the COMP5329 layout: images of shapes, labels = the shapes "
                     "present, template captions that name some of them.")

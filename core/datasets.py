@@ -800,7 +800,9 @@ class BatchAugment:
             images = torch.stack([_jitter(image, generator) for image in images])
         if "sharpness" in self.augmentations:
             images = torch.where(coin(), v2.functional.adjust_sharpness(images, 2.0), images)
-        return (images - self.mean.to(device)) / self.std.to(device)
+        if self.mean.device != device:  # moved once, not copied to the GPU with every batch
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return (images - self.mean) / self.std
 
 
 def _jitter(image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

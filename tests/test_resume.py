@@ -137,6 +137,14 @@ def test_resume_refuses_options_with_default_values(tmp_path, caplog):
     assert "drop --epochs, --no-amp" in caplog.text
 
 
+def test_resume_refuses_abbreviated_option(tmp_path, capsys):
+    # argparse would read --epo as --epochs, which the option check above would not see.
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--resume", "r", "--epo", "9", "--runs-dir", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert "unrecognized arguments: --epo 9" in capsys.readouterr().err
+
+
 def test_resume_after_dataset_changed_refused(tmp_path, monkeypatch):
     data = make_demo(tmp_path / "set", train_rows=40, test_rows=2, image_size=32, seed=4)
     runs = tmp_path / "runs"
