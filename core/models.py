@@ -36,10 +36,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # A backbone in evaluation mode runs on a CPU in chunks of this many images. On the
-# 2-core development machine, efficientnet_lite0 at 224 px ran 2 to 2.5 times faster in
-# chunks of 8 than in one batch of 32, and cnn2 at 128 px 1.6 times, because a
-# chunk's activations stay in the CPU caches; resnet18 and resnet50 gained a little.
-# Training steps gained nothing, and a GPU wants large batches, so both are left whole.
+# 2-core development machine, efficientnet_lite0 at 224 px ran 2 to 2.5 times faster
+# in chunks of 8 than in one batch of 32, and cnn2 at 128 px 1.6 times faster.
+# resnet18 and resnet50 gained a little. The likely reason is that a chunk's
+# activations fit in the CPU caches. Training steps gained nothing and a GPU is
+# fastest on large batches, so those batches are left whole.
 CPU_INFERENCE_CHUNK = 8
 
 
@@ -319,7 +320,7 @@ def _conv_stack(channels: list[int], kernel_size: int, batch_norm: bool) -> nn.S
             layers.append(nn.BatchNorm2d(width_out))
         # Pooling before the ReLU gives the same output and gradients as the usual order,
         # because max and ReLU commute, and the ReLU then runs on a quarter of the values.
-        # The order holds no weights, so checkpoints written with either order load.
+        # ReLU and max pooling have no weights, so checkpoints written with either order load.
         layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
     # A fixed 4x4 grid keeps the feature width independent of the input size.
     layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten()]

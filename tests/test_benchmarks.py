@@ -14,7 +14,7 @@ from PIL import Image
 from benchmarks import gpu_epoch
 
 
-def test_generated_dataset_writes_decodable_photos_and_rows(tmp_path):
+def test_generated_dataset_photos_and_rows(tmp_path):
     root = gpu_epoch.generated_dataset(tmp_path / "generated", items=5)
 
     lines = (root / "train.csv").read_text(encoding="utf-8").splitlines()
@@ -26,7 +26,7 @@ def test_generated_dataset_writes_decodable_photos_and_rows(tmp_path):
             assert photo.size == gpu_epoch.PHOTO_SIZE
 
 
-def test_gpu_epoch_runs_both_pipelines_on_the_cpu(capsys):
+def test_gpu_epoch_runs_on_cpu(capsys):
     gpu_epoch.main(["--device", "cpu", "--items", "6", "--models", "cnn2", "resnet18", "--image-size", "32",
                     "--batch-size", "4", "--repeats", "1"])
 
@@ -40,6 +40,6 @@ def test_gpu_epoch_runs_both_pipelines_on_the_cpu(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
-def test_gpu_epoch_without_gpu_explains_the_choice():
+def test_gpu_epoch_without_gpu_exits():
     with pytest.raises(SystemExit, match="no CUDA GPU is visible to torch; .* or pass --device cpu"):
         gpu_epoch.main(["--items", "2"])

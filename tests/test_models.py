@@ -563,7 +563,7 @@ def _relu_then_pool(backbone: nn.Sequential, images: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize("name, batch_norm", [("cnn2", False), ("cnn2", True), ("basic_cnn", False)])
-def test_conv_stack_pool_before_relu_matches_textbook_order(name, batch_norm):
+def test_pool_before_relu_matches_textbook_order(name, batch_norm):
     torch.manual_seed(0)
     model = create_model(name, NUM_LABELS, batch_norm=batch_norm).train()
     images = _images(32).requires_grad_(True)
@@ -589,7 +589,7 @@ def _count_backbone_calls(model) -> list[int]:
 
 
 @pytest.mark.parametrize("name, size", [("cnn2", 64), ("efficientnet_lite0", 64)])
-def test_image_features_eval_mode_runs_cpu_chunks_with_same_result(name, size):
+def test_image_features_eval_chunks_same_result(name, size):
     torch.manual_seed(0)
     model = create_model(name, NUM_LABELS, pretrained=False, image_size=size).eval()
     images = _images(size, batch=CPU_INFERENCE_CHUNK * 2 + 3)
@@ -602,7 +602,7 @@ def test_image_features_eval_mode_runs_cpu_chunks_with_same_result(name, size):
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
 
 
-def test_image_features_training_backbone_runs_whole_batch():
+def test_image_features_training_whole_batch():
     # Batch normalisation in training mode uses the statistics of the whole batch.
     model = create_model("cnn2", NUM_LABELS, batch_norm=True).train()
     sizes = _count_backbone_calls(model)
@@ -610,7 +610,7 @@ def test_image_features_training_backbone_runs_whole_batch():
     assert sizes == [CPU_INFERENCE_CHUNK * 2]
 
 
-def test_image_features_frozen_backbone_chunks_while_head_trains():
+def test_image_features_frozen_backbone_chunks():
     model = create_model("cnn2", NUM_LABELS, batch_norm=True, freeze_backbone=True).train()
     sizes = _count_backbone_calls(model)
     logits = model(_images(32, batch=CPU_INFERENCE_CHUNK + 1), encode_batch(CAPTIONS * 4 + CAPTIONS[:1]))
