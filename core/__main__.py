@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import signal
 import sys
 import threading
@@ -234,20 +235,29 @@ def command_train(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
         run_dir = resolve_run(args.resume, args.runs_dir)
-        config = None
+        config = checks_log = None
     else:
         names = {item.name for item in fields(TrainConfig)}
         config = TrainConfig(**{key: value for key, value in vars(args).items() if key in names})
-        run_dir = create_run(config)
+        # The data checks log before the run folder exists, so their lines are kept for train.log.
+        checks_log = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        logging.getLogger().addHandler(checks_log)
+        try:
+            run_dir, checked = create_run(config)
+        finally:
+            logging.getLogger().removeHandler(checks_log)
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    if checks_log is not None:
+        checks_log.setTarget(handler)
+        checks_log.close()  # writes the kept lines to train.log
     logging.getLogger().addHandler(handler)
     _out(f"run folder: {run_dir}")
     try:
         if config is None:
             resume(run_dir)
         else:
-            train(config, run_dir)
+            train(config, run_dir, checked)
     except (RunInUseError, CannotResumeError) as error:
         logger.error("cannot %s run %s: %s", "resume" if config is None else "train", run_dir.name, error)
         return 1

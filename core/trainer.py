@@ -734,11 +734,14 @@ def evaluate(
 # ----------------------------------------------------------------------------- train
 
 
-def create_run(config: TrainConfig) -> Path:
+def create_run(config: TrainConfig) -> tuple[Path, CheckedRows]:
     """Validate `config`, create its run folder and write the settings to config.json.
 
     Called before `train` so that the caller can attach a log file to the folder. The
     device and the data are checked first, so invalid input leaves no run folder.
+
+    Returns:
+        (run folder, checked rows); pass both to `train` so the rows are not checked twice.
     """
     config.validate()
     if config.data is not None and Path(config.data).is_file():
@@ -749,28 +752,29 @@ def create_run(config: TrainConfig) -> Path:
         config.data = str(Path(config.data).resolve())  # so evaluate works from any directory
     # Fail on a missing device or unusable data before a run folder exists.
     select_device(config.device)
-    load_checked_rows(config)
+    checked = load_checked_rows(config)
     run_dir = new_run_dir(Path(config.runs_dir), config.run_name, config.model)
     config.run_name = run_dir.name
     write_json(run_dir / "config.json", config.to_dict())
-    return run_dir
+    return run_dir, checked
 
 
-def train(config: TrainConfig, run_dir: Path | None = None) -> Path:
+def train(config: TrainConfig, run_dir: Path | None = None, checked: CheckedRows | None = None) -> Path:
     """Train one run end to end and return its run folder.
 
     Args:
         config: the run's settings.
         run_dir: a folder made by `create_run(config)`; None creates one.
+        checked: the rows `create_run` returned with `run_dir`; None checks the dataset again.
 
     Raises:
         ValueError, FileNotFoundError: invalid settings or data, before the first step.
         FloatingPointError: the loss became NaN or infinite; the last good checkpoint is kept.
     """
     if run_dir is None:
-        run_dir = create_run(config)
+        run_dir, checked = create_run(config)
     with run_lock(run_dir):
-        _train_logged(config, run_dir, resume=None)
+        _train_logged(config, run_dir, resume=None, checked=checked)
     return run_dir
 
 
@@ -817,7 +821,7 @@ def resume(run_dir: Path) -> Path:
         done = int(state["epoch"]) if state is not None else 0
         logger.info("resuming run %s after epoch %d of %d", run_dir.name, done, config.epochs)
         restart_progress(run_dir / "progress.jsonl", done, list(state["history"]) if state is not None else [])
-        _train_logged(config, run_dir, resume=(resolved, state))
+        _train_logged(config, run_dir, resume=(resolved, state), checked=None)
     return run_dir
 
 
@@ -839,14 +843,15 @@ def _repair_best_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
                        "resumed epoch scores higher", saved_epoch, best_epoch)
 
 
-def _train_logged(config: TrainConfig, run_dir: Path, resume: tuple[dict, dict] | None) -> None:
+def _train_logged(config: TrainConfig, run_dir: Path, resume: tuple[dict, dict] | None,
+                  checked: CheckedRows | None) -> None:
     progress = ProgressWriter(run_dir / "progress.jsonl")
     started = {}
     if resume is not None:
         started["resumed_after_epoch"] = int(resume[1]["epoch"]) if resume[1] is not None else 0
     progress.emit("run_started", pid=os.getpid(), config=config.to_dict(), **started)
     try:
-        best_metric, final = _train_in(config, run_dir, progress, resume)
+        best_metric, final = _train_in(config, run_dir, progress, resume, checked)
         progress.emit("run_finished", best_metric=best_metric, **{k: v for k, v in final.items() if k != "per_label"})
     except BaseException as error:
         progress.emit("run_failed", error_type=type(error).__name__, message=describe_error(error))
@@ -856,7 +861,8 @@ def _train_logged(config: TrainConfig, run_dir: Path, resume: tuple[dict, dict] 
 
 
 def _train_in(
-    config: TrainConfig, run_dir: Path, progress: ProgressWriter, resume: tuple[dict, dict] | None
+    config: TrainConfig, run_dir: Path, progress: ProgressWriter, resume: tuple[dict, dict] | None,
+    checked: CheckedRows | None,
 ) -> tuple[float, dict[str, Any]]:
     # Seed and device
     seed_everything(config.seed)
@@ -867,10 +873,12 @@ def _train_in(
 
     # Data: checked and split for a new run; as recorded in the run folder for a resumed one
     if resume is None:
-        checked = load_checked_rows(config)
+        if checked is None:
+            checked = load_checked_rows(config)
         data = prepare_data(config, checked, spec.uses_images, pretrained)
         if checked.skipped:
             write_skipped_rows(run_dir / SKIPPED_ROWS_FILE, checked.skipped)
+            logger.info("listed the %d skipped row(s) in %s", len(checked.skipped), run_dir / SKIPPED_ROWS_FILE)
     else:
         data = prepare_resumed_data(config, resume[0], run_dir)
     folder = data.folder

@@ -290,7 +290,8 @@ def test_csv_skipped(mutate, model, image_id, line, reason, rows, dataset, tmp_p
     outcome = train(capsys, caplog, dataset, tmp_path / "runs", "--skip-bad-rows", model=model)
     config = assert_trained(outcome, run_dir, rows)
     assert config["skipped_rows"] == 1
-    assert "skipping 1 unusable row(s)" in outcome.log
+    assert outcome.log.count("skipping 1 unusable row(s)") == 1
+    assert (run_dir / "train.log").read_text(encoding="utf-8").count("skipping 1 unusable row(s)") == 1
     skipped = read_skipped_rows(run_dir)
     assert len(skipped) == 1
     assert skipped[0]["ImageID"] == image_id
@@ -351,8 +352,11 @@ def test_csv_image_without_row_named(dataset, tmp_path, capsys, caplog):
     shutil.copy(dataset / "data" / "3.jpg", dataset / "data" / "extra.jpg")
     outcome = train(capsys, caplog, dataset, tmp_path / "runs")
     assert outcome.code == 0
+    warning = "have no row in train.csv or test.csv and are not used, for example extra.jpg"
     assert "1 file(s) in" in outcome.log
-    assert "have no row in train.csv or test.csv and are not used, for example extra.jpg" in outcome.log
+    # The rows are checked once, before the run folder exists, and train.log still gets the warning.
+    assert outcome.log.count(warning) == 1
+    assert (tmp_path / "runs" / "r" / "train.log").read_text(encoding="utf-8").count(warning) == 1
     config = json.loads((tmp_path / "runs" / "r" / "config.json").read_text(encoding="utf-8"))
     assert config["unused_images"] == 1
 

@@ -117,7 +117,7 @@ def test_resume_finished_run_refused(dataset, tmp_path):
 
 def test_resume_before_first_epoch_refused(dataset, tmp_path, capsys, caplog):
     config = _config(dataset, tmp_path / "runs")
-    run_dir = create_run(config)
+    run_dir, _ = create_run(config)
     code = main(["train", "--resume", str(run_dir)])
     assert code == 1
     assert "cannot resume run r: run r stopped before its data was prepared" in caplog.text

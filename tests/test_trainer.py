@@ -113,7 +113,7 @@ def test_train_image_broken_after_start_recorded_as_failed(tmp_path):
     # The run folder exists when an image breaks between the check and training: the run records the cause.
     data = make_demo(tmp_path / "demo", train_rows=20, test_rows=0, image_size=32)
     config = _config(data, tmp_path / "runs", normalization="none")
-    run_dir = create_run(config)
+    run_dir, _ = create_run(config)
     (data / "data" / "3.jpg").write_text("not an image")
     with pytest.raises(ValueError, match=r"\(3\.jpg\): not an image file"):
         train(config, run_dir)
