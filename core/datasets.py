@@ -630,8 +630,8 @@ def check_image(path: str | os.PathLike) -> str | None:
 class ImageChecks:
     """`check_image` results for many files, run in threads and remembered in a JSON file.
 
-    A result is reused while the file's size and modification time are unchanged,
-    so a second run on the same folder does not decode its images again.
+    A result is reused while the file's size, modification time and status change
+    time are unchanged, so a second run on the same folder does not decode its images again.
     """
 
     def __init__(self, cache_file: str | os.PathLike | None = None) -> None:
@@ -648,15 +648,15 @@ class ImageChecks:
         stamps = []
         for path in paths:
             stat = path.stat()
-            stamps.append([stat.st_size, stat.st_mtime_ns])
-        todo = [index for index, path in enumerate(paths) if self._known.get(str(path), [None, None])[:2] != stamps[index]]
+            stamps.append([stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
+        todo = [index for index, path in enumerate(paths) if self._known.get(str(path), [])[:3] != stamps[index]]
         if todo:
             logger.info("checking %d image(s) for decoding problems", len(todo))
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
                 for index, problem in zip(todo, pool.map(check_image, [paths[index] for index in todo])):
                     self._known[str(paths[index])] = [*stamps[index], problem]
             self._save()
-        return [self._known[str(path)][2] for path in paths]
+        return [self._known[str(path)][3] for path in paths]
 
     def _save(self) -> None:
         if self.cache_file is None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +109,91 @@ def test_image_cache_grows_and_recovers(photos, tmp_path, caplog):
     array, slots = ImageCache(tmp_path, photos[0].parent, 16).load(photos)
     assert "damaged or from another version" in caplog.text
     assert torch.equal(torch.from_numpy(np.array(array[slots[5]])), datasets.load_resized(photos[5], 16))
+
+
+def _copies(photos, folder, count=3):
+    folder.mkdir()
+    paths = []
+    for path in photos[:count]:
+        paths.append(folder / path.name)
+        paths[-1].write_bytes(path.read_bytes())
+    return paths
+
+
+def test_image_cache_redecodes_copy_with_old_times(photos, tmp_path):
+    # cp -p, rsync -a and tar keep the size and modification time; the status change time still moves.
+    paths = _copies(photos, tmp_path / "data")
+    cache = ImageCache(tmp_path / "cache", paths[0].parent, 16)
+    cache.load(paths)
+    original = paths[1].stat()
+    red = Image.new("RGB", (20, 20), (255, 0, 0))
+    red.save(paths[1], format="BMP")
+    with paths[1].open("r+b") as handle:
+        handle.truncate(original.st_size)  # BMP ignores trailing bytes, so the file keeps its old size
+    os.utime(paths[1], ns=(original.st_atime_ns, original.st_mtime_ns))
+    assert (paths[1].stat().st_size, paths[1].stat().st_mtime_ns) == (original.st_size, original.st_mtime_ns)
+
+    array, slots = cache.load(paths)
+    assert np.array(array[slots[1]])[:, 0, 0].tolist() == [255, 0, 0]
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda index: index["entries"].update({next(iter(index["entries"])): [999, 1, 1, 1]}),
+                 id="slot-out-of-range"),
+    pytest.param(lambda index: index.update(entries=list(index["entries"])), id="entries-list"),
+    pytest.param(lambda index: index["entries"].update({next(iter(index["entries"])): "x"}), id="entry-string"),
+    pytest.param(lambda index: [entry.__setitem__(0, 0) for entry in index["entries"].values()], id="shared-slot"),
+])
+def test_image_cache_rebuilds_damaged_entries(damage, photos, tmp_path, caplog):
+    cache = ImageCache(tmp_path, photos[0].parent, 16)
+    cache.load(photos[:4])
+    index = json.loads((cache.root / "index.json").read_text())
+    damage(index)
+    (cache.root / "index.json").write_text(json.dumps(index))
+
+    array, slots = ImageCache(tmp_path, photos[0].parent, 16).load(photos[:4])
+    assert "damaged or from another version" in caplog.text
+    for position in range(4):
+        assert torch.equal(torch.from_numpy(np.array(array[slots[position]])),
+                           datasets.load_resized(photos[position], 16))
+
+
+def test_image_cache_full_disk_named(photos, tmp_path, monkeypatch):
+    def no_space(descriptor, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(OSError, match=r"not enough disk space for the image cache .*-16px: it needs \d+ MB more "
+                                      r"and \d+ MB are free; free some space, or pass --no-image-cache"):
+        ImageCache(tmp_path, photos[0].parent, 16).load(photos[:2])
+
+
+def test_image_cache_not_writable_named(photos, tmp_path, monkeypatch):
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(PermissionError, match=r"the image cache .*-16px is not writable \(Permission denied\); "
+                                              r"make it writable, or pass --no-image-cache"):
+        ImageCache(tmp_path, photos[0].parent, 16).load(photos[:2])
+
+
+def test_image_cache_logs_wait_for_lock(photos, tmp_path, caplog):
+    cache = ImageCache(tmp_path, photos[0].parent, 16)
+    cache.load(photos[:2])
+    caplog.clear()
+    with (cache.root / ".lock").open("a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=cache.load, args=(photos[:2],))
+        waiting.start()
+        for _ in range(100):
+            if "waiting for another process" in caplog.text:
+                break
+            time.sleep(0.02)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    waiting.join(timeout=10)
+    assert "waiting for another process to finish updating the image cache" in caplog.text
+    assert "2 image(s) at 16 px for these rows (none decoded)" in caplog.text
 
 
 def test_image_cache_undecodable_file_named(tmp_path):
