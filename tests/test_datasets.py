@@ -811,7 +811,7 @@ def test_image_checks_cache_reused_and_invalidated(tmp_path):
 
     # A second instance reads the result from the file instead of decoding the image again.
     known = json.loads(cache.read_text())
-    known[str(good)][2] = "remembered"
+    known[str(good)][-1] = "remembered"  # the entry ends with the check result
     cache.write_text(json.dumps(known))
     assert ImageChecks(cache).check([good]) == ["remembered"]
 
