@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
 from core import datasets
@@ -1004,17 +1004,24 @@ def _train_in(
 
 def _loaders(config: TrainConfig, train_set, val_set, train_targets: np.ndarray, workers: int,
              device: torch.device, generator: torch.Generator) -> tuple[DataLoader, DataLoader]:
-    """Build the training loader (shuffled or weighted) and the validation loader."""
-    sampler = None
+    """Build the training loader (shuffled or weighted) and the validation loader.
+
+    Only the sampler draws from `generator`, which the epochs reseed, so an epoch's
+    row order depends on the seed and the epoch alone. The loaders' own generators
+    seed the worker processes; persistent workers draw that seed in the first epoch
+    only, which would otherwise shift the order of every later epoch.
+    """
     if config.sampler == "weighted":
         sampler = WeightedRandomSampler(row_sample_weights(train_targets), len(train_set), generator=generator)
+    else:
+        sampler = RandomSampler(train_set, generator=generator)
     options = dict(
         batch_size=config.batch_size, num_workers=workers, collate_fn=collate_rows,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
     )
     # A last training batch of one row would break batch normalisation, so it is dropped.
     drop_last = len(train_set) > 1 and len(train_set) % config.batch_size == 1
-    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler, generator=generator,
+    train_loader = DataLoader(train_set, sampler=sampler, generator=torch.Generator().manual_seed(config.seed),
                               drop_last=drop_last, **options)
     # Its own generator keeps the validation loader from drawing on the global random state, which dropout uses.
     return train_loader, DataLoader(val_set, shuffle=False, generator=torch.Generator(), **options)

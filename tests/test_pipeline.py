@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from core.datasets import BatchAugment, CaptionedImages, collate_rows
 from core.demo import make_demo
 from core.imagecache import ImageCache
 from core.runs import read_progress
-from core.trainer import InputPipeline, TrainConfig, autocast_dtype, train
+from core.encoder import encode_trigrams
+from core.trainer import FeatureRows, InputPipeline, TrainConfig, _loaders, autocast_dtype, train
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +298,34 @@ def test_inputs_pipeline_channels_last():
     images = pipeline.images(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert pipeline.images(None) is None
+
+
+def _epoch_orders(loader, generator, epochs, seed=7):
+    """Return the row order of each epoch, reseeding like the training loop."""
+    orders = []
+    for epoch in epochs:
+        generator.manual_seed(seed * 100_003 + epoch)
+        orders.append([int(row) for features, _, _ in loader for row in features[:, 0]])
+    return orders
+
+
+@pytest.mark.parametrize("sampler", ["shuffle", "weighted"])
+def test_row_order_independent_of_workers_and_resume(sampler):
+    # Persistent worker processes must not change which rows an epoch draws, nor may a resumed run.
+    count = 40
+    rows = SimpleNamespace(encoded=[encode_trigrams("a cat")] * count,
+                           targets=torch.eye(4)[torch.arange(count) % 4])
+    features = FeatureRows(torch.arange(count, dtype=torch.float32).unsqueeze(1), rows)
+    config = TrainConfig(batch_size=8, seed=7, sampler=sampler)
+    orders = {}
+    for workers in (0, 1):
+        generator = torch.Generator()
+        loader, _ = _loaders(config, features, features, rows.targets.numpy(), workers, torch.device("cpu"), generator)
+        orders[workers] = _epoch_orders(loader, generator, [1, 2, 3])
+    resumed_generator = torch.Generator()
+    resumed, _ = _loaders(config, features, features, rows.targets.numpy(), 1, torch.device("cpu"), resumed_generator)
+    resumed_orders = _epoch_orders(resumed, resumed_generator, [2, 3])
+
+    assert orders[1] == orders[0]
+    assert resumed_orders == orders[0][1:]
+    assert orders[0][1] != orders[0][2]
