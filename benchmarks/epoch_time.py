@@ -31,10 +31,12 @@ from core.trainer import InputPipeline, autocast_dtype, build_loss, build_optimi
 
 
 def epoch_seconds(model_name: str, rows: datasets.CaptionedImages, inputs: InputPipeline, amp_dtype,
-                  channels_last: bool, labels: int, batch_size: int, progress: ProgressWriter) -> float:
+                  channels_last: bool, labels: int, batch_size: int, progress: ProgressWriter,
+                  pin_memory: bool = True) -> float:
     """Train a fresh model for one epoch over `rows` on `inputs.device` and return the epoch's seconds.
 
-    On CUDA the batches are pinned, and float16 autocast gets a gradient scaler, as in training.
+    On CUDA the batches are pinned unless `pin_memory` is False, and float16 autocast
+    gets a gradient scaler, as in training.
     """
     device = inputs.device
     torch.manual_seed(0)
@@ -42,7 +44,7 @@ def epoch_seconds(model_name: str, rows: datasets.CaptionedImages, inputs: Input
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer("adam", [p for p in model.parameters() if p.requires_grad], 1e-3, 0.0, device)
-    loader = DataLoader(rows, batch_size=batch_size, shuffle=True, num_workers=0, pin_memory=device.type == "cuda",
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=True, num_workers=0, pin_memory=pin_memory and device.type == "cuda",
                         collate_fn=datasets.collate_rows, generator=torch.Generator().manual_seed(0))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     result = train_one_epoch(model, loader, build_loss("bce", None), optimizer, device, amp_dtype, scaler, 1,

@@ -5,7 +5,7 @@ photos of generated content (640x480, like COCO's) with random labels and captio
 then trains each model for one epoch both ways and prints images per second:
 
 - report-style loop: every JPEG decoded, resized and transformed again in the main
-  process, float32, batches copied to the GPU;
+  process, float32, batches copied to the GPU from unpinned memory;
 - default pipeline: images decoded once into the image cache, whole uint8 batches
   pinned, copied without blocking and augmented on the GPU, channels-last, mixed
   precision (bfloat16 where the GPU supports it, else float16 with a gradient scaler).
@@ -31,7 +31,7 @@ from benchmarks.common import machine, timed
 from benchmarks.epoch_time import epoch_seconds
 from core import datasets
 from core.imagecache import ImageCache
-from core.models import get_model_spec
+from core.models import get_model_spec, list_models
 from core.runs import ProgressWriter
 from core.trainer import InputPipeline, autocast_dtype
 
@@ -68,6 +68,37 @@ def generated_dataset(root: Path, items: int, labels: int = 18) -> Path:
     return root
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows each option's default."""
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {value}; expected a positive integer")
+    return value
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """Reject unusable settings before any photo is written; return the device."""
+    for name in args.models:
+        if name not in list_models():
+            parser.error(f"unknown model {name!r}; choose from {', '.join(list_models())}")
+        if not get_model_spec(name).uses_images:
+            parser.error(f"{name} reads captions only, so it has no image pipeline to measure")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"invalid device {args.device!r}; expected cuda, cuda:N or cpu")
+    if device.type not in ("cuda", "cpu"):
+        parser.error(f"invalid device {args.device!r}; expected cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU is visible to torch; run this on a GPU machine, or pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"invalid device {args.device!r}: torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def compare(model_name: str, image_size: int, folder: datasets.DatasetFolder, scratch: Path,
             device: torch.device, args: argparse.Namespace, progress: ProgressWriter) -> None:
     paths = folder.image_paths(folder.train)
@@ -81,7 +112,7 @@ def compare(model_name: str, image_size: int, folder: datasets.DatasetFolder, sc
                                            datasets.build_transform(mean, std, ["hflip"]))
     report_inputs = InputPipeline(device, None, False)
     report = min(epoch_seconds(model_name, report_rows, report_inputs, None, False, labels, args.batch_size,
-                               progress) for _ in range(args.repeats))
+                               progress, pin_memory=False) for _ in range(args.repeats))
 
     cache = ImageCache(scratch / "cache", folder.image_dir, image_size)
     build, cached = timed(cache.load, paths)
@@ -102,20 +133,20 @@ def compare(model_name: str, image_size: int, folder: datasets.DatasetFolder, sc
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=2000, help="generated photos to train on")
-    parser.add_argument("--models", nargs="+", default=["cnn2", "resnet18"])
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="input size for every model; default: each model's own (128 px for cnn2, 224 for "
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_epoch", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--items", type=positive, default=2000, help="generated photos to train on")
+    parser.add_argument("--models", nargs="+", default=["cnn2", "resnet18"], metavar="MODEL",
+                        help=f"models to measure, from: {', '.join(list_models())}")
+    parser.add_argument("--image-size", type=positive, default=argparse.SUPPRESS,
+                        help="input size for every model (default: each model's own, 128 px for cnn2 and 224 for "
                              "resnet18)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--batch-size", type=positive, default=64, help="rows per training step")
+    parser.add_argument("--repeats", type=positive, default=2,
                         help="epochs of each kind; the fastest counts, so the first epoch's start-up cost drops out")
-    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check the script itself")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu to check the script itself")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU is visible to torch; run this on a GPU machine, or pass --device cpu")
+    device = check_arguments(parser, args)
     print(f"machine: {machine()}")
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -125,8 +156,11 @@ def main(argv: list[str] | None = None) -> None:
         folder = datasets.load_dataset(root)
         progress = ProgressWriter(scratch / "progress.jsonl")
         for model_name in args.models:
-            image_size = args.image_size or get_model_spec(model_name).input_size
-            compare(model_name, image_size, folder, scratch, device, args, progress)
+            image_size = getattr(args, "image_size", None) or get_model_spec(model_name).input_size
+            try:
+                compare(model_name, image_size, folder, scratch, device, args, progress)
+            except (ValueError, RuntimeError) as error:  # for example an input too small for the model
+                print(f"{model_name} at {image_size} px failed: {str(error).splitlines()[0]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -870,6 +870,10 @@ def _train_in(
     amp_dtype = autocast_dtype(device, config.amp)
     spec = get_model_spec(config.model)
     pretrained = spec.supports_pretrained and config.pretrained is not False
+    if config.freeze_backbone and spec.uses_images and not pretrained and resume is None:
+        logger.warning("--freeze-backbone keeps the randomly initialised weights of %s's backbone, so only the head "
+                       "learns, from random features; freeze a pretrained backbone, or train without "
+                       "--freeze-backbone", config.model)
 
     # Data: checked and split for a new run; as recorded in the run folder for a resumed one
     if resume is None:

@@ -43,3 +43,17 @@ def test_gpu_epoch_runs_on_cpu(capsys):
 def test_gpu_epoch_without_gpu_exits():
     with pytest.raises(SystemExit, match="no CUDA GPU is visible to torch; .* or pass --device cpu"):
         gpu_epoch.main(["--items", "2"])
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--models", "cnn2", "resnt18"], "unknown model 'resnt18'; choose from"),
+    (["--models", "caption_only"], "caption_only reads captions only"),
+    (["--repeats", "0"], "argument --repeats: invalid value 0; expected a positive integer"),
+    (["--device", "mps"], "invalid device 'mps'; expected cuda, cuda:N or cpu"),
+])
+def test_gpu_epoch_rejects_arguments_before_work(arguments, message, capsys, monkeypatch):
+    monkeypatch.setattr(gpu_epoch, "generated_dataset", lambda *args: pytest.fail("photos written"))
+    with pytest.raises(SystemExit) as stopped:
+        gpu_epoch.main(["--device", "cpu", *arguments])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err

@@ -238,3 +238,13 @@ def test_row_sample_weights_rarest_label():
 def test_decide_matches_metrics_threshold():
     probs = np.array([[0.9, 0.2], [0.3, 0.1]])
     assert decide(probs).tolist() == [[1, 0], [1, 0]]
+
+
+def test_train_freeze_random_backbone_warns(demo_dataset, tmp_path, caplog):
+    train(_config(demo_dataset, tmp_path, freeze_backbone=True, hidden_size=16))
+    assert "--freeze-backbone keeps the randomly initialised weights of cnn2's backbone" in caplog.text
+
+
+def test_train_freeze_pretrained_backbone_silent(demo_dataset, tmp_path, caplog):
+    train(_config(demo_dataset, tmp_path, model="efficientnet_lite0", freeze_backbone=True, hidden_size=16))
+    assert "randomly initialised" not in caplog.text
