@@ -64,7 +64,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--captions", action=argparse.BooleanOptionalAction, default=defaults.captions,
                        help="fuse the caption trigram encoding into the first fully connected layer")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                       help="start the backbone from ImageNet weights; None means yes where the model has them")
+                       help="start the backbone from ImageNet weights (default: yes where the model has them)")
     model.add_argument("--weights", help="local backbone weights file to use instead of the default source")
     model.add_argument("--freeze-backbone", action="store_true", help="train only the head and caption branch")
     model.add_argument("--dropout", type=float, default=defaults.dropout,
@@ -131,8 +131,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="this run's role in its ablation study: the base run or the change against it")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None, whose meaning the option's help explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
     # No abbreviated options: `--resume` must see every training option under its full name.
     parser = argparse.ArgumentParser(
         prog="python -m core", formatter_class=formatter, allow_abbrev=False,

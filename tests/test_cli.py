@@ -72,6 +72,14 @@ def test_cli_every_train_option_has_help(capsys):
             assert has_text, f"no help text for {stripped}"
 
 
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_cli_help_shows_defaults_except_none(command, capsys):
+    text = " ".join(_help_text(command, capsys).split())  # help lines are wrapped
+    assert "(default: None)" not in text
+    if command == "train":
+        assert "--epochs EPOCHS passes over the training part (default: 5)" in text
+
+
 def test_cli_demo_train_evaluate_predict_submit(tmp_path, capsys):
     data = tmp_path / "demo"
     runs = tmp_path / "runs"
