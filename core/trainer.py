@@ -1012,8 +1012,8 @@ def _loaders(config: TrainConfig, train_set, val_set, train_targets: np.ndarray,
 
     Only the sampler draws from `generator`, which the epochs reseed, so an epoch's
     row order depends on the seed and the epoch alone. The loaders' own generators
-    seed the worker processes; persistent workers draw that seed in the first epoch
-    only, which would otherwise shift the order of every later epoch.
+    seed the worker processes. Persistent workers draw that seed in the first epoch
+    only, so a generator shared with the sampler would shift every later epoch's order.
     """
     if config.sampler == "weighted":
         sampler = WeightedRandomSampler(row_sample_weights(train_targets), len(train_set), generator=generator)
