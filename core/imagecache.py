@@ -7,10 +7,10 @@ One cache serves one image folder at one input size. It lives in
 - `index.json`: for each image (path relative to the folder), its slot and the file's
   size, modification time and status change time when it was decoded.
 
-An image whose size or either time changed since is decoded again into its slot
-(the change time also catches a file copied over another with the old size and
-modification time kept), and a new image gets a new slot, so later runs at the same size decode only
-what changed. A lock file keeps two processes from updating one cache at once.
+An image whose size or either time changed since is decoded again into its slot,
+and a new image gets a new slot, so later runs at the same size decode only what
+changed. The change time catches a file copied over another with the old size and
+modification time kept. A lock file keeps two processes from updating one cache at once.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class ImageCache:
 
         Raises:
             ValueError: an image cannot be decoded; the message names the file.
+            OSError: the disk has no room for the new images, or (PermissionError) the
+                cache folder is not writable; the message gives the fix.
         """
         names = [self._relative(path) for path in paths]
         stamps = [_stamp(path) for path in paths]
