@@ -898,6 +898,9 @@ def _train_in(
     # Cached rows are read from memory; decoding on every read needs worker processes.
     decodes = spec.uses_images and cache is None
     workers = config.workers if config.workers is not None else default_workers(decodes)
+    if decodes:
+        where = f"in {workers} worker process(es)" if workers else "in the main process"
+        logger.info("image cache off: every image is decoded again in every epoch, %s", where)
     generator = torch.Generator().manual_seed(config.seed)
     augment_generator = torch.Generator()
     augment = BatchAugment(data.mean, data.std, config.augment) if spec.uses_images else None

@@ -250,12 +250,13 @@ def _run(shapes, runs, name, **overrides):
     return json.loads((run_dir / "metrics.json").read_text()), json.loads((run_dir / "config.json").read_text())
 
 
-def test_image_cache_run_matches_decoding_run(shapes, tmp_path):
+def test_image_cache_run_matches_decoding_run(shapes, tmp_path, caplog):
     # Same seed, same rows, same augmentations: the cache changes where pixels come from, not the result.
     cached, config = _run(shapes, tmp_path / "runs", "cached")
     decoded, other = _run(shapes, tmp_path / "runs", "decoded", image_cache=False)
     assert config["image_cache_dir"].startswith(str(tmp_path / "runs" / ".cache" / "images"))
     assert other["image_cache_dir"] is None
+    assert "image cache off: every image is decoded again in every epoch, in the main process" in caplog.text
     assert cached["samples_f1_score"] == pytest.approx(decoded["samples_f1_score"], abs=1e-6)
     assert cached["val_loss"] == pytest.approx(decoded["val_loss"], rel=1e-4)
 
