@@ -627,6 +627,16 @@ def check_image(path: str | os.PathLike) -> str | None:
     return None
 
 
+def file_stamp(path: str | os.PathLike) -> list[int]:
+    """Return [size, modification time, status change time] of a file, which change when its content does.
+
+    The status change time also catches a file copied over another with its size and
+    modification time kept (cp -p, rsync -a, tar).
+    """
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
 class ImageChecks:
     """`check_image` results for many files, run in threads and remembered in a JSON file.
 
@@ -645,10 +655,7 @@ class ImageChecks:
 
     def check(self, paths: Sequence[Path]) -> list[str | None]:
         """Return one problem (or None) per path, in order."""
-        stamps = []
-        for path in paths:
-            stat = path.stat()
-            stamps.append([stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
+        stamps = [file_stamp(path) for path in paths]
         todo = [index for index, path in enumerate(paths) if self._known.get(str(path), [])[:3] != stamps[index]]
         if todo:
             logger.info("checking %d image(s) for decoding problems", len(todo))

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from core.datasets import load_resized
+from core.datasets import file_stamp, load_resized
 from core.runs import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class ImageCache:
                 cache folder is not writable; the message gives the fix.
         """
         names = [self._relative(path) for path in paths]
-        stamps = [_stamp(path) for path in paths]
+        stamps = [file_stamp(path) for path in paths]
         with self._locked():
             return self._load_locked(paths, names, stamps)
 
@@ -168,11 +168,6 @@ class ImageCache:
         for name, stamp in zip(names, stamps):
             entries[name][1:] = stamp
         write_json(self.root / INDEX_FILE, index)
-
-
-def _stamp(path: Path) -> list[int]:
-    stat = Path(path).stat()
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def _valid_entries(entries: object, slots: object) -> bool:
