@@ -988,7 +988,7 @@ def _train_in(
     if on_features:
         started = time.perf_counter()
         feature_sets = []
-        for rows, loader in ((train_set, train_loader), (val_set, val_loader)):
+        for rows in (train_set, val_set):
             ordered = DataLoader(rows, batch_size=config.batch_size, shuffle=False, num_workers=workers,
                                  collate_fn=collate_rows, pin_memory=device.type == "cuda",
                                  generator=torch.Generator())
