@@ -37,6 +37,21 @@ def _open_page(path: str) -> AppTest:
     return app
 
 
+def _train_page(model: str) -> AppTest:
+    """Open the Train page with `model` chosen, so that the form shows its settings."""
+    app = _open_page("pages/train.py")
+    app.selectbox[0].set_value(model)
+    app.run()
+    return app
+
+
+def _queue_run(app: AppTest, run_name: str) -> None:
+    """Submit the Train page's form under `run_name`."""
+    app.text_input[0].set_value(run_name)
+    app.button(key="FormSubmitter:train_settings-Queue run").click()
+    app.run()
+
+
 def _texts(app: AppTest) -> str:
     parts = [element.value for element in (*app.markdown, *app.caption, *app.info, *app.success, *app.error,
                                              *app.warning)]
@@ -142,14 +157,10 @@ def test_train_page_renders_form(dashboard_env):
 
 
 def test_train_page_queues_and_shows_run(dashboard_env):
-    app = _open_page("pages/train.py")
-    app.selectbox[0].set_value("caption_only")
-    app.run()
+    app = _train_page("caption_only")
     epochs = next(widget for widget in app.number_input if widget.label == "Epochs")
     epochs.set_value(1)
-    app.text_input[0].set_value("page-run")
-    app.button(key="FormSubmitter:train_settings-Queue run").click()
-    app.run()
+    _queue_run(app, "page-run")
     assert not app.exception
     assert "Queued run page-run" in _texts(app)
 
@@ -163,9 +174,7 @@ def test_train_page_queues_and_shows_run(dashboard_env):
 
 
 def test_train_page_ablation_set(dashboard_env):
-    app = _open_page("pages/train.py")
-    app.selectbox[0].set_value("caption_only")
-    app.run()
+    app = _train_page("caption_only")
     next(widget for widget in app.number_input if widget.label == "Epochs").set_value(1)
     app.text_input[0].set_value("study")
     app.button(key="FormSubmitter:train_settings-Queue ablation set").click()
@@ -178,12 +187,8 @@ def test_train_page_ablation_set(dashboard_env):
 
 
 def test_train_page_invalid_setting_message(dashboard_env):
-    app = _open_page("pages/train.py")
-    app.selectbox[0].set_value("caption_only")
-    app.run()
-    app.text_input[0].set_value("bad/name")
-    app.button(key="FormSubmitter:train_settings-Queue run").click()
-    app.run()
+    app = _train_page("caption_only")
+    _queue_run(app, "bad/name")
     assert not app.exception
     assert "invalid run name" in _texts(app)
     assert jobs.list_jobs(dashboard_env["runs"]) == []
@@ -216,12 +221,8 @@ def test_train_page_resumes_cancelled_run(dashboard_env, monkeypatch):
 
 def test_train_page_shows_why_a_job_failed(dashboard_env):
     (dashboard_env["demo"] / "data" / "3.jpg").write_bytes(b"")
-    app = _open_page("pages/train.py")
-    app.selectbox[0].set_value("cnn2")
-    app.run()
-    app.text_input[0].set_value("refused")
-    app.button(key="FormSubmitter:train_settings-Queue run").click()
-    app.run()
+    app = _train_page("cnn2")
+    _queue_run(app, "refused")
     assert [job.state for job in _wait_for_jobs(dashboard_env["runs"])] == ["failed"]
     app.run()
     assert not app.exception
@@ -232,14 +233,10 @@ def test_train_page_shows_why_a_job_failed(dashboard_env):
 
 def test_train_page_skip_bad_rows_option(dashboard_env):
     (dashboard_env["demo"] / "data" / "3.jpg").write_bytes(b"")
-    app = _open_page("pages/train.py")
-    app.selectbox[0].set_value("cnn2")
-    app.run()
+    app = _train_page("cnn2")
     next(widget for widget in app.number_input if widget.label == "Epochs").set_value(1)
     next(widget for widget in app.checkbox if widget.label == "Skip bad rows").check()
-    app.text_input[0].set_value("skipping")
-    app.button(key="FormSubmitter:train_settings-Queue run").click()
-    app.run()
+    _queue_run(app, "skipping")
     assert not app.exception
     assert [job.state for job in _wait_for_jobs(dashboard_env["runs"])] == ["finished"]
     skipped = (dashboard_env["runs"] / "skipping" / "skipped_rows.csv").read_text()
@@ -372,13 +369,9 @@ def test_home_warns_about_unreadable_runs(dashboard_env):
 
 
 def test_train_page_follows_new_run(dashboard_env):
-    app = _open_page("pages/train.py")
-    app.selectbox[0].set_value("caption_only")
-    app.run()
+    app = _train_page("caption_only")
     for name in ("first-run", "second-run"):
-        app.text_input[0].set_value(name)
-        app.button(key="FormSubmitter:train_settings-Queue run").click()
-        app.run()
+        _queue_run(app, name)
         assert not app.exception
         assert app.selectbox(key="train_follow").value == name
     for job in jobs.list_jobs(dashboard_env["runs"]):
