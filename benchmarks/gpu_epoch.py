@@ -69,7 +69,7 @@ def generated_dataset(root: Path, items: int, labels: int = 18) -> Path:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout and shows each option's default."""
+    """A help formatter that keeps the description's layout and shows each option's default."""
 
 
 def positive(text: str) -> int:
